@@ -1,0 +1,1 @@
+"""Nodes, rules, received instances and deliveries (issue 3)."""
