@@ -1,0 +1,1 @@
+"""Fixtures for the HL7 / MLLP tests."""

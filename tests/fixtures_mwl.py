@@ -1,0 +1,1 @@
+"""Fixtures for the Modality Worklist tests."""
