@@ -15,6 +15,8 @@ from pathlib import Path
 import hl7.client
 import pytest
 
+from tests.servers import findscu_worklist
+
 ROOT = Path(__file__).resolve().parent.parent
 
 ORDER = (
@@ -22,8 +24,8 @@ ORDER = (
     "PID|1||EMB-1^^^HOSP||EMBEDDED^EDNA||19700101|F\r"
     "PV1|1|O\r"
     "ORC|NW|PO-EMB-1|FO-EMB-1||SC\r"
-    "OBR|1|PO-EMB-1|FO-EMB-1|^^^CTHEAD^CT Head^LOCAL|||||||||||||ACC-EMB-1|RP-EMB-1|SPS-EMB-1|"
-    "||||CT\r"
+    "OBR|1|PO-EMB-1|FO-EMB-1|^^^CTHEAD^CT Head^LOCAL||||||||||||||ACC-EMB-1|RP-EMB-1|SPS-EMB-1|"
+    "|||CT\r"
     "ZDS|1.2.826.0.1.3680043.8.498.777\r"
 )
 
@@ -93,15 +95,13 @@ def test_it_runs_the_whole_flow_on_embedded_defaults_and_stops_on_sigterm(embedd
     )
     assert echo.returncode == 0, echo.stderr
 
-    find = subprocess.run(
-        ["findscu", "-W", "-aec", "EMBEDDED", "-k", "AccessionNumber=ACC-EMB-1",
-         "-k", "PatientName", "-k", "PatientID", "-k", "StudyInstanceUID",
-         "127.0.0.1", str(ports["DICOM_PORT"])],
-        capture_output=True, text=True, timeout=30,
+    [item] = findscu_worklist(
+        ports["DICOM_PORT"],
+        ["AccessionNumber=ACC-EMB-1", "PatientName", "PatientID", "StudyInstanceUID"],
+        called_ae="EMBEDDED",
     )
-    assert find.returncode == 0, find.stderr
-    assert "EMBEDDED^EDNA" in find.stderr + find.stdout
-    assert "1.2.826.0.1.3680043.8.498.777" in find.stderr + find.stdout
+    assert str(item.PatientName) == "EMBEDDED^EDNA"
+    assert item.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.777"
 
     assert (tmp_path / "var" / "gateway.sqlite3").exists()
 

@@ -1,0 +1,81 @@
+"""Start the gateway's own long-lived commands as real processes for end-to-end tests, and talk
+to them with real peers (DCMTK)."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r" on (\S+):(\d+)")
+
+
+@contextmanager
+def gateway_command(args: list[str], env: dict[str, str], timeout: float = 60) -> Iterator[int]:
+    """Run ``manage.py <args>`` until the block ends; yield the port it reports listening on.
+    Stops it with SIGTERM, as a supervisor would, and checks that it exits cleanly."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout
+        port = None
+        while port is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or proc.poll() is not None:
+                raise AssertionError(f"{args[0]} did not start:\n{''.join(output)}")
+            ready, _, _ = select.select([proc.stdout], [], [], remaining)
+            if ready:
+                line = proc.stdout.readline()
+                output.append(line)
+                if match := LISTENING.search(line):
+                    port = int(match.group(2))
+        yield port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+
+
+def process_env(database_name: str, **extra: str) -> dict[str, str]:
+    """The environment of a gateway process that shares the test database."""
+    env = dict(os.environ)
+    url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+    env["DATABASE_URL"] = url.rsplit("/", 1)[0] + "/" + database_name
+    env["TCP_NODELAY"] = "1"
+    env.update(extra)
+    return env
+
+
+def findscu_worklist(port: int, keys: list[str], called_ae: str = "GATEWAY",
+                     calling_ae: str = "FINDSCU", extra_args: list[str] | None = None,
+                     ) -> list[Dataset]:
+    """Query the worklist with DCMTK's findscu -W and return the identifiers it received."""
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["findscu", "-W", "-X", "-od", out, "-aet", calling_ae, "-aec", called_ae]
+        for key in keys:
+            argv += ["-k", key]
+        argv += [*(extra_args or []), "127.0.0.1", str(port)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "TCP_NODELAY": "1"})
+        assert done.returncode == 0, f"findscu failed: {done.stdout}{done.stderr}"
+        return [dcmread(path) for path in sorted(Path(out).glob("rsp*.dcm"))]
