@@ -41,6 +41,13 @@ def env_bool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false, yes/no), got {raw!r}")
 
 
+def env_choice(name: str, default: str, choices: list[str]) -> str:
+    value = env_str(name, default).strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:
@@ -51,7 +58,9 @@ def env_list(name: str, default: list[str]) -> list[str]:
 def env_ae_title(name: str, default: str) -> str:
     value = env_str(name, default).strip()
     if not value or len(value) > 16 or "\\" in value or not value.isascii():
-        raise ImproperlyConfigured(f"{name} must be 1-16 ASCII characters without backslash, got {value!r}")
+        raise ImproperlyConfigured(
+            f"{name} must be 1-16 ASCII characters without backslash, got {value!r}"
+        )
     return value
 
 

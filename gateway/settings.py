@@ -7,7 +7,15 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_ae_title, env_bool, env_int, env_list, env_str, env_uid_root
+from .env import (
+    env_ae_title,
+    env_bool,
+    env_choice,
+    env_int,
+    env_list,
+    env_str,
+    env_uid_root,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("GATEWAY_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -167,6 +175,24 @@ GATEWAY_UID_ROOT = env_uid_root("GATEWAY_UID_ROOT", "2.25")
 # When a modality sends no ScheduledStationAETitle, restrict its query to its own station.
 MWL_RESTRICT_TO_CALLING_STATION = env_bool("MWL_RESTRICT_TO_CALLING_STATION", False)
 MWL_MAX_RESULTS = env_int("MWL_MAX_RESULTS", 5000, minimum=1)
+
+# --- Storage and routing ---
+# Below this much free space under GATEWAY_DATA_DIR, C-STORE is refused with 0xA700.
+GATEWAY_MIN_FREE_MB = env_int("GATEWAY_MIN_FREE_MB", 1024, minimum=0)
+# A received file is deleted once every delivery for it is done and it is this old.
+GATEWAY_RETENTION_HOURS = env_int("GATEWAY_RETENTION_HOURS", 24, minimum=0)
+# The same SOP Instance UID received again: "replace" (store it and route it again), "keep"
+# (keep the first, answer Success, route nothing) or "reject" (answer a failure status).
+GATEWAY_DUPLICATE_POLICY = env_choice(
+    "GATEWAY_DUPLICATE_POLICY", "replace", ["replace", "keep", "reject"]
+)
+DELIVERY_RETRY_BASE_SECONDS = env_int("DELIVERY_RETRY_BASE_SECONDS", 30, minimum=1)
+DELIVERY_RETRY_MAX_SECONDS = env_int("DELIVERY_RETRY_MAX_SECONDS", 3600, minimum=1)
+DELIVERY_GIVE_UP_HOURS = env_int("DELIVERY_GIVE_UP_HOURS", 24, minimum=1)
+# A delivery claimed (SENDING) longer than this is taken back by the sweep (worker died).
+DELIVERY_LEASE_SECONDS = env_int("DELIVERY_LEASE_SECONDS", 300, minimum=10)
+# How often beat runs the sweep that re-enqueues due deliveries whose task was lost.
+DELIVERY_SWEEP_SECONDS = env_int("DELIVERY_SWEEP_SECONDS", 30, minimum=1)
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 LOGGING = {

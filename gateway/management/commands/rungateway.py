@@ -30,7 +30,8 @@ def gateway_processes(http_host: str) -> dict[str, list[str]]:
         "dicomserver": [py, manage, "dicomserver"],
         "celery": [
             py, "-m", "celery", "-A", "gateway", "worker", "--beat",
-            "--loglevel", settings.LOG_LEVEL, "--concurrency", os.environ.get("CELERY_CONCURRENCY", "2"),
+            "--loglevel", settings.LOG_LEVEL,
+            "--concurrency", os.environ.get("CELERY_CONCURRENCY", "2"),
             "--schedule", settings.CELERY_BEAT_SCHEDULE_FILENAME,
         ],
     }
