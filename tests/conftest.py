@@ -4,4 +4,9 @@ import os
 
 os.environ.setdefault("TCP_NODELAY", "1")
 
-pytest_plugins = ["tests.fixtures_hl7", "tests.fixtures_mwl"]
+pytest_plugins = [
+    "tests.fixtures_hl7",
+    "tests.fixtures_mwl",
+    "tests.fixtures_storage",
+    "tests.fixtures_pacs",
+]

@@ -1,0 +1,1 @@
+"""Fixtures for delivery tests: Orthanc as the destination PACS, Celery workers, a Redis of our own."""

@@ -1,0 +1,1 @@
+"""Fixtures for the storage SCP and rule tests."""
