@@ -4,12 +4,13 @@ to them with real peers (DCMTK)."""
 from __future__ import annotations
 
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,25 +26,35 @@ LISTENING = re.compile(r" on (\S+):(\d+)")
 @contextmanager
 def gateway_command(args: list[str], env: dict[str, str], timeout: float = 60) -> Iterator[int]:
     """Run ``manage.py <args>`` until the block ends; yield the port it reports listening on.
-    Stops it with SIGTERM, as a supervisor would, and checks that it exits cleanly."""
+    Stops it with SIGTERM, as a supervisor would."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        # A thread reads every line, so nothing waits in a buffer that select() cannot see
+        # and the process never blocks on a full pipe.
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     output: list[str] = []
     try:
         deadline = time.monotonic() + timeout
         port = None
         while port is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or proc.poll() is not None:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
                 raise AssertionError(f"{args[0]} did not start:\n{''.join(output)}")
-            ready, _, _ = select.select([proc.stdout], [], [], remaining)
-            if ready:
-                line = proc.stdout.readline()
-                output.append(line)
-                if match := LISTENING.search(line):
-                    port = int(match.group(2))
+            output.append(line)
+            if match := LISTENING.search(line):
+                port = int(match.group(2))
         yield port
     finally:
         if proc.poll() is None:
@@ -53,7 +64,6 @@ def gateway_command(args: list[str], env: dict[str, str], timeout: float = 60) -
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        proc.stdout.close()
 
 
 def process_env(database_name: str, **extra: str) -> dict[str, str]:

@@ -13,7 +13,10 @@ from django.db import connection
 from tests.servers import findscu_worklist, gateway_command, process_env
 from worklist.models import Station
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("status_mappings"),
+]
 
 SPS = "ScheduledProcedureStepSequence[0]"
 KEYS = [

@@ -37,6 +37,21 @@ class OrderStatus(models.TextChoices):
     DISCONTINUED = "DISCONTINUED", "Discontinued"
     CANCELLED = "CANCELLED", "Cancelled"
 
+    @classmethod
+    def for_steps(cls, step_statuses) -> str:
+        """The order status its steps' statuses imply: open while any step is still to be
+        done or under way; once all have ended, completed if any was performed, else
+        discontinued if any was stopped, else cancelled."""
+        statuses = set(step_statuses)
+        ended = {StepStatus.COMPLETED, StepStatus.DISCONTINUED, StepStatus.CANCELLED}
+        if not statuses or statuses - ended:
+            return cls.OPEN
+        if StepStatus.COMPLETED in statuses:
+            return cls.COMPLETED
+        if StepStatus.DISCONTINUED in statuses:
+            return cls.DISCONTINUED
+        return cls.CANCELLED
+
 
 class Patient(models.Model):
     """A patient as the RIS identifies them (PID-3.1 with its assigning authority PID-3.4)."""
@@ -62,7 +77,18 @@ class Patient(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["patient_id", "issuer"], name="patient_unique_id_issuer")
+            models.UniqueConstraint(
+                fields=["patient_id", "issuer"], name="patient_unique_id_issuer"
+            )
+        ]
+        indexes = [
+            # PatientID equality and prefix wildcard matching (LIKE 'ABC%') in MWL queries;
+            # varchar_pattern_ops because the database collation is not C (PostgreSQL only).
+            models.Index(
+                fields=["patient_id"],
+                name="patient_id_pattern_idx",
+                opclasses=["varchar_pattern_ops"],
+            ),
         ]
 
     def save(self, *args, **kwargs):
@@ -103,7 +129,15 @@ class ImagingOrder(models.Model):
     )
 
     class Meta:
-        indexes = [models.Index(fields=["patient", "status"])]
+        indexes = [
+            models.Index(fields=["patient", "status"]),
+            # RequestedProcedureID equality and prefix wildcard matching in MWL queries.
+            models.Index(
+                fields=["requested_procedure_id"],
+                name="order_req_proc_id_pattern_idx",
+                opclasses=["varchar_pattern_ops"],
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"Accession {self.accession_number or '-'} / {self.requested_procedure_description}"
@@ -161,7 +195,8 @@ class Station(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.ae_title} ({self.modality or 'any modality'} / {self.location or 'any location'})"
+        where = f"{self.modality or 'any modality'} / {self.location or 'any location'}"
+        return f"{self.ae_title} ({where})"
 
 
 class OrderStatusMapping(models.Model):
@@ -181,7 +216,8 @@ class OrderStatusMapping(models.Model):
         ordering = ["order_control", "order_status"]
 
     def __str__(self) -> str:
-        return f"ORC-1 {self.order_control} / ORC-5 {self.order_status or '(empty)'} → {self.step_status}"
+        status = self.order_status or "(empty)"
+        return f"ORC-1 {self.order_control} / ORC-5 {status} → {self.step_status}"
 
 
 class MessageStatus(models.TextChoices):
@@ -225,7 +261,8 @@ class HL7Message(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.message_type or '?'} {self.control_id} from {self.sending_application} ({self.status})"
+        kind = self.message_type or "?"
+        return f"{kind} {self.control_id} from {self.sending_application} ({self.status})"
 
 
 class WorklistQuery(models.Model):
@@ -245,4 +282,5 @@ class WorklistQuery(models.Model):
         ordering = ["-id"]
 
     def __str__(self) -> str:
-        return f"MWL query by {self.calling_ae} at {self.at:%Y-%m-%d %H:%M:%S}: {self.answers} answers"
+        when = f"{self.at:%Y-%m-%d %H:%M:%S}"
+        return f"MWL query by {self.calling_ae} at {when}: {self.answers} answers"

@@ -2,6 +2,8 @@ from django.db import migrations
 
 # ORC-1 order control / ORC-5 order status -> Scheduled Procedure Step status.
 # Administrators may add rows; a pair with no row is refused with AE, never dropped.
+# ORC-5 values are HL7 table 0038; "A" there means "some, but not all, results available",
+# i.e. the procedure is under way, not that the patient has arrived.
 DEFAULTS = [
     ("NW", "", "SCHEDULED"),
     ("NW", "SC", "SCHEDULED"),
@@ -9,9 +11,10 @@ DEFAULTS = [
     ("XO", "", "SCHEDULED"),
     ("XO", "SC", "SCHEDULED"),
     ("XO", "IP", "STARTED"),
+    ("XO", "A", "STARTED"),
     ("XO", "CM", "COMPLETED"),
     ("SC", "SC", "SCHEDULED"),
-    ("SC", "A", "ARRIVED"),
+    ("SC", "A", "STARTED"),
     ("SC", "IP", "STARTED"),
     ("SC", "CM", "COMPLETED"),
     ("SC", "CA", "CANCELLED"),
