@@ -1,0 +1,216 @@
+"""Routing decisions: turn a received instance into Delivery rows, one transaction per
+instance, and hand the nodes concerned to the delivery tasks once it commits.
+
+Rules are evaluated in ``order`` (then name) with :func:`routing.rules.matching_rules`. For
+each matching rule:
+
+* ``mode = instance``: a delivery to each destination is decided now;
+* ``mode = study``: decided once the study has been quiet (no instance received) for the
+  rule's ``study_quiet_seconds``; until then the instance stays PENDING and
+  :func:`route_quiet_studies` (periodic) routes it.
+
+One delivery per (instance, node, instance version): when several rules send to the same
+node, the first matching rule (in order) gives the delivery its rule and coercions. A
+disabled node still gets its delivery: disabling a node delays delivery (the sender holds
+rows for disabled nodes), it never drops studies. An instance no rule matches is UNMATCHED;
+one whose deliveries are all decided is ROUTED.
+
+Everything here is idempotent: running it twice for the same instance creates nothing new,
+so the sweeps can run while the storage SCP routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.utils import timezone
+from pydicom import dcmread
+from pydicom.multival import MultiValue
+
+from .models import (
+    Delivery,
+    DeliveryStatus,
+    ReceivedInstance,
+    ReceivedStudy,
+    RoutingMode,
+    RoutingStatus,
+    Rule,
+)
+from .rules import Attribute, Facts, matching_rules
+
+logger = logging.getLogger(__name__)
+
+
+def facts_for(instance: ReceivedInstance) -> Facts:
+    """What rules see of an instance: its stored header and its association; attributes the
+    header left out (long values) are read from the stored file when a rule asks."""
+
+    def from_file(attribute: Attribute):
+        if attribute.tag is None or not instance.path:
+            return None
+        try:
+            ds = dcmread(instance.path, stop_before_pixels=True, specific_tags=[attribute.tag])
+            element = ds.get(attribute.tag)
+        except Exception:
+            return None
+        if element is None or isinstance(element.value, bytes | bytearray):
+            return None
+        value = element.value
+        if isinstance(value, MultiValue | list | tuple):
+            return [str(v) for v in value]
+        return str(value)
+
+    return Facts(
+        instance.header or {},
+        {
+            "calling_ae": instance.calling_ae,
+            "called_ae": instance.called_ae,
+            "source_ip": instance.source_ip,
+        },
+        fallback=from_file,
+    )
+
+
+def enabled_rules() -> list[Rule]:
+    return list(
+        Rule.objects.filter(enabled=True).prefetch_related("destinations").order_by("order", "name")
+    )
+
+
+def route_instance(instance_id: int, now: datetime | None = None,
+                   rules: list[Rule] | None = None) -> str:
+    """Decide where one instance goes; return its routing status afterwards.
+
+    Creates the missing Delivery rows (PENDING, due now) in one transaction with the
+    instance's new status, and enqueues delivery of each node concerned after commit. An
+    instance that is no longer PENDING is left alone.
+    """
+    now = now or timezone.now()
+    rules = enabled_rules() if rules is None else rules
+    node_ids: set[int] = set()
+    with transaction.atomic():
+        instance = (
+            ReceivedInstance.objects.select_for_update().select_related("study")
+            .filter(pk=instance_id).first()
+        )
+        if instance is None or instance.routing_status != RoutingStatus.PENDING:
+            return instance.routing_status if instance else ""
+        matched = matching_rules(rules, facts_for(instance))
+        if not matched:
+            instance.routing_status = RoutingStatus.UNMATCHED
+            instance.routed_at = now
+            instance.save(update_fields=["routing_status", "routed_at"])
+            return instance.routing_status
+
+        quiet_for = (now - instance.study.last_received_at).total_seconds()
+        decided: dict[int, Rule] = {}
+        waiting = False
+        for rule in matched:
+            if rule.mode == RoutingMode.STUDY and quiet_for < rule.study_quiet_seconds:
+                waiting = True
+                continue
+            for node in rule.destinations.all():
+                decided.setdefault(node.pk, rule)
+        existing = set(
+            Delivery.objects.filter(
+                instance=instance, instance_version=instance.version
+            ).values_list("node_id", flat=True)
+        )
+        new = [
+            Delivery(
+                instance=instance,
+                node_id=node_id,
+                rule=rule,
+                rule_name=rule.name,
+                coerce=list(rule.coerce or []),
+                instance_version=instance.version,
+                status=DeliveryStatus.PENDING,
+                next_attempt_at=now,
+            )
+            for node_id, rule in decided.items()
+            if node_id not in existing
+        ]
+        Delivery.objects.bulk_create(new)
+        node_ids = {d.node_id for d in new}
+        if not waiting:
+            instance.routing_status = RoutingStatus.ROUTED
+            instance.routed_at = now
+            instance.save(update_fields=["routing_status", "routed_at"])
+        if node_ids:
+            transaction.on_commit(lambda: enqueue_nodes(sorted(node_ids)))
+        return instance.routing_status
+
+
+def enqueue_nodes(node_ids: list[int]) -> None:
+    """Ask the delivery tasks to work on these nodes. Without the task (module not there,
+    broker down) nothing is lost: the delivery sweep finds due rows by itself."""
+    try:
+        from routing import tasks
+
+        deliver_node = tasks.deliver_node
+    except (ImportError, AttributeError):
+        return
+    for node_id in node_ids:
+        try:
+            deliver_node.delay(node_id)
+        except Exception:
+            logger.warning("could not enqueue delivery to node %s; the sweep will", node_id)
+
+
+def route_pending_instances(older_than_seconds: int = 30, limit: int = 1000,
+                            now: datetime | None = None) -> int:
+    """Sweep: route instances still PENDING that were received at least
+    ``older_than_seconds`` ago (routing right after storing failed, or a per-study rule was
+    waiting). Returns how many were looked at."""
+    now = now or timezone.now()
+    ids = list(
+        ReceivedInstance.objects.filter(
+            routing_status=RoutingStatus.PENDING,
+            received_at__lte=now - timedelta(seconds=older_than_seconds),
+        ).order_by("id").values_list("id", flat=True)[:limit]
+    )
+    rules = enabled_rules()
+    for instance_id in ids:
+        try:
+            route_instance(instance_id, now, rules)
+        except Exception:
+            logger.exception("routing instance %s failed; it stays PENDING", instance_id)
+    return len(ids)
+
+
+def route_quiet_studies(now: datetime | None = None, limit: int = 200) -> int:
+    """Periodic: route the PENDING instances of studies that have been quiet for at least
+    the shortest ``study_quiet_seconds`` of the enabled per-study rules, and mark a study
+    routed once none of its instances waits any more. Returns the number of studies
+    looked at."""
+    now = now or timezone.now()
+    rules = enabled_rules()
+    quiet = [r.study_quiet_seconds for r in rules if r.mode == RoutingMode.STUDY]
+    if not quiet:
+        return 0
+    studies = list(
+        ReceivedStudy.objects.filter(
+            study_routed_at__isnull=True,
+            last_received_at__lte=now - timedelta(seconds=min(quiet)),
+            instances__routing_status=RoutingStatus.PENDING,
+        ).distinct().order_by("last_received_at").values_list("id", flat=True)[:limit]
+    )
+    for study_id in studies:
+        pending = ReceivedInstance.objects.filter(
+            study_id=study_id, routing_status=RoutingStatus.PENDING
+        ).order_by("id").values_list("id", flat=True)
+        for instance_id in list(pending):
+            try:
+                route_instance(instance_id, now, rules)
+            except Exception:
+                logger.exception("routing instance %s failed; it stays PENDING", instance_id)
+        if not ReceivedInstance.objects.filter(
+            study_id=study_id, routing_status=RoutingStatus.PENDING
+        ).exists():
+            # Conditional: an instance that arrived meanwhile reset last_received_at.
+            ReceivedStudy.objects.filter(
+                pk=study_id, study_routed_at__isnull=True, last_received_at__lte=now
+            ).update(study_routed_at=now)
+    return len(studies)

@@ -1,0 +1,395 @@
+"""Store one received SOP instance: the plain function behind the storage SCP.
+
+:func:`store_instance` takes the instance exactly as it came over the network (file meta +
+data set bytes, never decoded and re-encoded), writes it durably under
+``<GATEWAY_DATA_DIR>/store/<study>/<series>/<sop instance>.dcm`` and records it, and only
+then says Success. Routing happens after, on the committed row (:mod:`routing.routing`).
+
+Durability: the bytes go to a temporary file in the destination directory (same
+filesystem), are fsynced, renamed over the final name, and the directory is fsynced; the
+rename happens inside the database transaction, so a failed commit removes the new file.
+Nothing is half-kept: on any failure the temporary file is removed and no row is written.
+
+Duplicates (the same SOP Instance UID received again), by ``GATEWAY_DUPLICATE_POLICY``:
+
+``replace`` (default)
+    The new bytes atomically replace the stored file, the row's ``version`` goes up, the
+    instance is routed again (deliveries are per version). Deliveries of the older version
+    still waiting (PENDING/FAILED) are marked ABANDONED ("superseded"); one being sent
+    finishes.
+``keep``
+    The first copy stays, the peer gets Success, nothing is written or routed.
+``reject``
+    The peer gets 0xC230 (a "Cannot understand" failure, PS3.4 B.2.3: there is no specific
+    duplicate status for C-STORE) with an Error Comment; nothing changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from enum import IntEnum
+from io import BytesIO
+from pathlib import Path
+
+from django.db import transaction
+from django.utils import timezone
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from .models import Delivery, DeliveryStatus, ReceivedInstance, ReceivedStudy, RoutingStatus
+
+logger = logging.getLogger(__name__)
+
+MAX_HEADER_VALUE = 1024
+# Values rules cannot compare as text; the stored file still has them.
+SKIPPED_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses the storage SCP sends (PS3.4 B.2.3, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    # Cxxx "Cannot understand" family; the low byte says which problem.
+    CANNOT_PARSE = 0xC210
+    CANNOT_WRITE = 0xC220
+    DUPLICATE_REJECTED = 0xC230
+
+
+class DuplicatePolicy:
+    REPLACE = "replace"
+    KEEP = "keep"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """What storing needs from settings, fixed when the AE is built."""
+
+    data_dir: Path
+    min_free_mb: int = 1024
+    duplicate_policy: str = DuplicatePolicy.REPLACE
+
+    @classmethod
+    def from_settings(cls) -> StorageConfig:
+        from django.conf import settings
+
+        return cls(
+            data_dir=Path(settings.DATA_DIR),
+            min_free_mb=settings.GATEWAY_MIN_FREE_MB,
+            duplicate_policy=settings.GATEWAY_DUPLICATE_POLICY,
+        )
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an instance came from."""
+
+    calling_ae: str
+    called_ae: str = ""
+    source_ip: str = ""
+    association_id: int | None = None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The answer for the peer, and what to route next (``instance_id`` when the instance
+    was stored or replaced and should be routed)."""
+
+    status: StoreStatus
+    comment: str = ""
+    instance_id: int | None = None
+    route: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == StoreStatus.SUCCESS
+
+
+class StoreRefused(Exception):
+    def __init__(self, status: StoreStatus, comment: str):
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+def store_instance(encoded: bytes, origin: Origin, config: StorageConfig) -> StoreResult:
+    """Store ``encoded`` (Part 10 bytes: preamble, file meta with the transfer syntax, data
+    set as received) and record it; return the status to answer the C-STORE with.
+
+    0xA700 when free space under the data directory would drop below ``min_free_mb``;
+    0xC210 when the data set cannot be parsed or lacks the UIDs it is filed by; 0xA900 when
+    the data set's SOP Instance/Class UID contradicts the request; 0xC220 when it cannot be
+    written; duplicates per ``config.duplicate_policy`` (see the module docstring).
+    """
+    try:
+        ds = _parse(encoded)
+        return _store(encoded, ds, _uids(ds), origin, config)
+    except StoreRefused as refused:
+        logger.warning("C-STORE from %s refused (0x%04X): %s",
+                       origin.calling_ae, refused.status, refused.comment)
+        return StoreResult(refused.status, refused.comment)
+
+
+def _parse(encoded: bytes) -> Dataset:
+    try:
+        # Element lengths are read eagerly, so a truncated or garbled encoding fails here;
+        # values are decoded lazily, one by one, in header_as_json.
+        ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
+    except Exception as exc:
+        raise StoreRefused(StoreStatus.CANNOT_PARSE,
+                           f"data set cannot be parsed: {type(exc).__name__}") from None
+    return ds
+
+
+@dataclass(frozen=True)
+class _Uids:
+    sop_class: str
+    sop_instance: str
+    study: str
+    series: str
+    transfer_syntax: str
+
+
+def _uids(ds: Dataset) -> _Uids:
+    meta = ds.file_meta
+    try:
+        values = {
+            "sop_class": str(meta.MediaStorageSOPClassUID),
+            "sop_instance": str(meta.MediaStorageSOPInstanceUID),
+            "transfer_syntax": str(meta.TransferSyntaxUID),
+            "study": str(ds.get("StudyInstanceUID", "") or ""),
+            "series": str(ds.get("SeriesInstanceUID", "") or ""),
+        }
+        in_data_set = str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("SOPClassUID", "") or "")
+    except Exception as exc:
+        raise StoreRefused(StoreStatus.CANNOT_PARSE,
+                           f"data set cannot be parsed: {type(exc).__name__}") from None
+    for name, value in values.items():
+        # UIDs become path components: anything but digits and dots is refused.
+        if not _UID.match(value) or len(value) > 64:
+            raise StoreRefused(StoreStatus.CANNOT_PARSE, f"missing or invalid {name} UID")
+    if in_data_set != (values["sop_instance"], values["sop_class"]):
+        raise StoreRefused(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                           "SOP Instance/Class UID in the data set differ from the request")
+    return _Uids(**values)
+
+
+def _check_free_space(config: StorageConfig, size: int) -> None:
+    config.store_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(config.store_dir).free
+    if free - size < config.min_free_mb * 1024 * 1024:
+        raise StoreRefused(StoreStatus.OUT_OF_RESOURCES,
+                           f"less than {config.min_free_mb} MB free for received instances")
+
+
+def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
+           config: StorageConfig) -> StoreResult:
+    existing = ReceivedInstance.objects.filter(sop_instance_uid=uids.sop_instance).first()
+    if existing is not None and config.duplicate_policy == DuplicatePolicy.KEEP:
+        return StoreResult(StoreStatus.SUCCESS, "duplicate kept", existing.pk, route=False)
+    if existing is not None and config.duplicate_policy == DuplicatePolicy.REJECT:
+        raise StoreRefused(StoreStatus.DUPLICATE_REJECTED, "SOP Instance UID already received")
+    _check_free_space(config, len(encoded))
+
+    final = config.store_dir / uids.study / uids.series / f"{uids.sop_instance}.dcm"
+    temp = _write_temp(final, encoded)
+    renamed = False
+    previous_path: str | None = None
+    try:
+        with transaction.atomic():
+            now = timezone.now()
+            study = _upsert_study(ds, uids.study, now)
+            instance = (
+                ReceivedInstance.objects.select_for_update()
+                .filter(sop_instance_uid=uids.sop_instance).first()
+            )
+            if instance is not None and config.duplicate_policy != DuplicatePolicy.REPLACE:
+                # Another association stored it between our check and our lock.
+                raise StoreRefused(StoreStatus.DUPLICATE_REJECTED
+                                   if config.duplicate_policy == DuplicatePolicy.REJECT
+                                   else StoreStatus.SUCCESS, "duplicate")
+            if instance is None:
+                instance = ReceivedInstance(sop_instance_uid=uids.sop_instance, version=1)
+            else:
+                previous_path = instance.path
+                instance.version += 1
+                Delivery.objects.filter(
+                    instance=instance,
+                    status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED],
+                    instance_version__lt=instance.version,
+                ).update(
+                    status=DeliveryStatus.ABANDONED,
+                    last_error=f"superseded by version {instance.version}",
+                    updated_at=now,
+                )
+            instance.study = study
+            instance.sop_class_uid = uids.sop_class
+            instance.series_instance_uid = uids.series
+            instance.transfer_syntax_uid = uids.transfer_syntax
+            instance.header = header_as_json(ds)
+            instance.calling_ae = origin.calling_ae[:16]
+            instance.called_ae = origin.called_ae[:16]
+            instance.source_ip = origin.source_ip[:64]
+            instance.association_id = origin.association_id
+            instance.size = len(encoded)
+            instance.path = str(final)
+            instance.received_at = now
+            instance.routing_status = RoutingStatus.PENDING
+            instance.routed_at = None
+            instance.file_deleted_at = None
+            instance.save()
+            # Last step before commit: from here on, the file is the one the row describes.
+            os.replace(temp, final)
+            renamed = True
+            _fsync_dir(final.parent)
+    except StoreRefused as refused:
+        _discard(temp)
+        if refused.status == StoreStatus.SUCCESS:
+            return StoreResult(StoreStatus.SUCCESS, "duplicate kept")
+        raise
+    except Exception as exc:
+        if renamed and previous_path is None:
+            _discard(str(final))
+        else:
+            _discard(temp)
+        logger.exception("could not store %s", uids.sop_instance)
+        raise StoreRefused(StoreStatus.CANNOT_WRITE,
+                           f"instance could not be stored: {type(exc).__name__}") from None
+    if previous_path and previous_path != str(final):
+        _discard(previous_path)
+    return StoreResult(StoreStatus.SUCCESS, instance_id=instance.pk, route=True)
+
+
+def _upsert_study(ds: Dataset, study_uid: str, now) -> ReceivedStudy:
+    study, _ = ReceivedStudy.objects.select_for_update().get_or_create(
+        study_instance_uid=study_uid, defaults={"last_received_at": now}
+    )
+    study.last_received_at = now
+    # A study that grows after it was routed as a whole is routed again once quiet.
+    study.study_routed_at = None
+    for field, keyword, size in (
+        ("patient_id", "PatientID", 64),
+        ("patient_name", "PatientName", 324),
+        ("accession_number", "AccessionNumber", 16),
+        ("study_date", "StudyDate", 8),
+        ("study_description", "StudyDescription", 64),
+    ):
+        value = _text(ds, keyword)
+        if value:
+            setattr(study, field, value[:size])
+    modality = _text(ds, "Modality")
+    modalities = [m for m in study.modalities.split("\\") if m]
+    if modality and modality not in modalities:
+        candidate = "\\".join([*modalities, modality])
+        if len(candidate) <= 64:
+            study.modalities = candidate
+    study.save()
+    return study
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return ""
+    return "" if value is None else str(value).replace("\x00", "").strip()
+
+
+def header_as_json(ds: Dataset) -> dict:
+    """The top-level attributes rules can match, as JSON: keyword (or ``GGGGEEEE`` for tags
+    without one) → string, or list of strings for multi-valued attributes. Binary, sequence
+    and unknown-VR elements, values over 1 KB and values that do not decode are left out
+    (they stay in the stored file)."""
+    header: dict = {}
+    for element in ds:
+        try:
+            if element.VR in SKIPPED_VRS:
+                continue
+            value = element.value
+            if isinstance(value, bytes | bytearray):
+                continue
+            if isinstance(value, MultiValue | list | tuple):
+                items = [_clean(v) for v in value]
+                size = sum(len(v) for v in items)
+                out: str | list[str] = items
+            else:
+                out = _clean(value)
+                size = len(out)
+        except Exception:
+            continue
+        if size > MAX_HEADER_VALUE:
+            continue
+        header[element.keyword or f"{int(element.tag):08X}"] = out
+    return header
+
+
+def _clean(value) -> str:
+    if value is None:
+        return ""
+    text = str(value)
+    # PostgreSQL's jsonb cannot hold NUL; DICOM pads with it.
+    return text.replace("\x00", "").strip()
+
+
+def _write_temp(final: Path, data: bytes) -> str:
+    temp = None
+    try:
+        _make_dirs(final.parent)
+        fd, temp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as exc:
+        if temp is not None:
+            _discard(temp)
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        status = StoreStatus.OUT_OF_RESOURCES if full else StoreStatus.CANNOT_WRITE
+        raise StoreRefused(status, f"instance could not be written: {type(exc).__name__}") from None
+    return temp
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create missing directories, fsyncing each parent so a new directory survives a crash."""
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        logger.exception("could not remove %s", path)

@@ -1,0 +1,147 @@
+"""store_instance, the plain function behind the storage SCP, called without sockets: what
+is kept when writing fails half-way, what the header holds, which UIDs are refused."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from routing.models import ReceivedInstance, ReceivedStudy
+from routing.storage import (
+    Origin,
+    StorageConfig,
+    StoreStatus,
+    header_as_json,
+    store_instance,
+)
+from tests.fixtures_storage import sample_file
+
+pytestmark = pytest.mark.django_db
+
+ORIGIN = Origin("CT1", "GATEWAY", "127.0.0.1")
+
+
+@pytest.fixture
+def config(tmp_path) -> StorageConfig:
+    return StorageConfig(data_dir=tmp_path / "data", min_free_mb=0)
+
+
+def every_file(config: StorageConfig) -> list[Path]:
+    return sorted(p for p in config.data_dir.rglob("*") if p.is_file())
+
+
+def test_it_stores_and_records_the_bytes_it_was_given(config, tmp_path):
+    path = sample_file("jpeg_baseline", tmp_path / "in")
+
+    result = store_instance(path.read_bytes(), ORIGIN, config)
+
+    assert (result.status, result.route) == (StoreStatus.SUCCESS, True)
+    row = ReceivedInstance.objects.get(pk=result.instance_id)
+    assert Path(row.path).read_bytes() == path.read_bytes()
+    assert every_file(config) == [Path(row.path)]
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [(OSError(errno.EIO, "I/O error"), StoreStatus.CANNOT_WRITE),
+     (OSError(errno.ENOSPC, "No space left on device"), StoreStatus.OUT_OF_RESOURCES)],
+)
+def test_a_write_that_fails_leaves_no_file_and_no_row(config, tmp_path, monkeypatch,
+                                                      error, status):
+    path = sample_file("explicit", tmp_path / "in")
+
+    def failing_fsync(fd):
+        raise error
+
+    monkeypatch.setattr("routing.storage.os.fsync", failing_fsync)
+
+    result = store_instance(path.read_bytes(), ORIGIN, config)
+
+    assert result.status == status
+    assert every_file(config) == []
+    assert not ReceivedInstance.objects.exists() and not ReceivedStudy.objects.exists()
+
+
+def test_a_row_that_cannot_be_saved_leaves_no_file(config, tmp_path, monkeypatch):
+    path = sample_file("explicit", tmp_path / "in")
+
+    def failing_save(self, *args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(ReceivedInstance, "save", failing_save)
+
+    result = store_instance(path.read_bytes(), ORIGIN, config)
+
+    assert result.status == StoreStatus.CANNOT_WRITE
+    assert every_file(config) == []
+    assert not ReceivedStudy.objects.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("study_uid", ["../../../etc", "1.2.3/4", "1.2.x", ""])
+def test_a_uid_that_is_not_a_uid_is_refused_before_anything_is_written(config, tmp_path,
+                                                                        study_uid):
+    path = sample_file("explicit", tmp_path / "in", StudyInstanceUID=study_uid)
+
+    result = store_instance(path.read_bytes(), ORIGIN, config)
+
+    assert result.status == StoreStatus.CANNOT_PARSE
+    assert every_file(config) == [] and not ReceivedInstance.objects.exists()
+
+
+def test_a_data_set_without_a_series_is_refused(config, tmp_path):
+    path = sample_file("explicit", tmp_path / "in", SeriesInstanceUID=None)
+
+    assert store_instance(path.read_bytes(), ORIGIN, config).status == StoreStatus.CANNOT_PARSE
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached")
+def test_garbage_is_refused_as_unparsable(config):
+    result = store_instance(b"\x00" * 128 + b"DICM" + b"\xff" * 50, ORIGIN, config)
+
+    assert result.status == StoreStatus.CANNOT_PARSE
+    assert every_file(config) == []
+
+
+@pytest.mark.filterwarnings("ignore:The value length")
+def test_the_header_keeps_short_text_values_and_leaves_out_the_rest():
+    ds = Dataset()
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PatientName = "Smith^John"
+    ds.SeriesNumber = 12
+    ds.StudyDescription = "x" * 2000
+    ds.InstitutionName = "General\x00"
+    ds.add_new(0x00291010, "LO", "private value")
+    ds.add_new(0x00091001, "OB", b"\x01\x02")
+    ds.ReferencedStudySequence = Sequence([Dataset()])
+
+    header = header_as_json(ds)
+
+    assert header == {
+        "ImageType": ["ORIGINAL", "PRIMARY"],
+        "Modality": "CT",
+        "InstitutionName": "General",
+        "PatientName": "Smith^John",
+        "SeriesNumber": "12",
+        "00291010": "private value",
+    }
+
+
+def test_the_study_collects_its_modalities(config, tmp_path):
+    study = "1.2.826.0.1.3680043.8.498.1"
+    ct = sample_file("explicit", tmp_path / "in", StudyInstanceUID=study)
+    mr = sample_file("rle", tmp_path / "in", StudyInstanceUID=study)
+
+    for path in (ct, mr, ct):
+        assert store_instance(path.read_bytes(), ORIGIN, config).ok
+
+    received = ReceivedStudy.objects.get()
+    assert received.modalities == "CT\\MR"
+    assert received.instances.count() == 2
+    assert dcmread(ct).Modality == "CT"

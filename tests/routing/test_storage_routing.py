@@ -1,0 +1,76 @@
+"""From the modality to the routing decision: what a C-STORE leaves behind once DCMTK has
+heard Success."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom import dcmread
+
+from routing.models import Delivery, DeliveryStatus, ReceivedInstance, RoutingStatus
+from routing.routing import route_pending_instances
+from tests.fixtures_storage import dcmsend, make_node, make_rule, sample_file
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CT_FROM_CT1 = [
+    {"attribute": "Modality", "op": "equals", "value": "CT"},
+    {"attribute": "calling_ae", "op": "in", "value": ["CT1", "CT2"]},
+]
+
+
+def test_a_received_instance_is_routed_by_the_time_the_modality_hears_success(
+    storage_server, tmp_path, enqueued
+):
+    pacs1 = make_node("pacs1")
+    make_rule("CT to pacs1", CT_FROM_CT1, [pacs1])
+    ct, mr = sample_file("explicit", tmp_path), sample_file("rle", tmp_path)  # CT and MR
+
+    result = dcmsend(storage_server.port, ct, mr, calling_ae="CT1")
+
+    assert result.statuses == ["0x0000", "0x0000"], result.output
+    routed = ReceivedInstance.objects.get(sop_instance_uid=dcmread(ct).SOPInstanceUID)
+    unmatched = ReceivedInstance.objects.get(sop_instance_uid=dcmread(mr).SOPInstanceUID)
+    assert (routed.routing_status, unmatched.routing_status) == (RoutingStatus.ROUTED,
+                                                                 RoutingStatus.UNMATCHED)
+    delivery = Delivery.objects.get()
+    assert (delivery.instance, delivery.node, delivery.status, delivery.rule_name) == (
+        routed, pacs1, DeliveryStatus.PENDING, "CT to pacs1"
+    )
+    assert enqueued == [pacs1.pk]
+
+
+def test_an_instance_whose_routing_failed_is_stored_and_routed_by_the_sweep(
+    storage_server, tmp_path, enqueued, monkeypatch
+):
+    make_rule("CT to pacs1", CT_FROM_CT1, [make_node("pacs1")])
+
+    def broken(instance_id):
+        raise RuntimeError("rules unavailable")
+
+    monkeypatch.setattr("routing.dicom_handlers.route_instance", broken)
+
+    result = dcmsend(storage_server.port, sample_file("explicit", tmp_path), calling_ae="CT2")
+
+    assert result.statuses == ["0x0000"], result.output
+    assert ReceivedInstance.objects.get().routing_status == RoutingStatus.PENDING
+    assert not Delivery.objects.exists()
+
+    route_pending_instances(older_than_seconds=0)
+
+    assert ReceivedInstance.objects.get().routing_status == RoutingStatus.ROUTED
+    assert Delivery.objects.count() == 1
+
+
+def test_a_replaced_instance_is_routed_again_and_its_waiting_delivery_superseded(
+    storage_server, tmp_path, enqueued
+):
+    make_rule("CT to pacs1", CT_FROM_CT1, [make_node("pacs1")])
+    path = sample_file("explicit", tmp_path)
+
+    assert dcmsend(storage_server.port, path).statuses == ["0x0000"]
+    assert dcmsend(storage_server.port, path).statuses == ["0x0000"]
+
+    assert sorted(Delivery.objects.values_list("instance_version", "status")) == [
+        (1, DeliveryStatus.ABANDONED), (2, DeliveryStatus.PENDING)
+    ]
+    assert ReceivedInstance.objects.get().version == 2
