@@ -139,13 +139,14 @@ if REDIS_URL:
     CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
 else:
     _broker_dir = DATA_DIR / "broker"
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_URL = "filesystem://"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
         "polling_interval": 0.05,
     }
@@ -193,6 +194,15 @@ DELIVERY_GIVE_UP_HOURS = env_int("DELIVERY_GIVE_UP_HOURS", 24, minimum=1)
 DELIVERY_LEASE_SECONDS = env_int("DELIVERY_LEASE_SECONDS", 300, minimum=10)
 # How often beat runs the sweep that re-enqueues due deliveries whose task was lost.
 DELIVERY_SWEEP_SECONDS = env_int("DELIVERY_SWEEP_SECONDS", 30, minimum=1)
+# Periodic work of the routing stage (beat runs it; a worker executes it as actor "system").
+CELERY_BEAT_SCHEDULE.update({
+    "sweep-deliveries": {
+        "task": "routing.tasks.sweep_deliveries",
+        "schedule": float(DELIVERY_SWEEP_SECONDS),
+    },
+    "echo-nodes": {"task": "routing.tasks.echo_nodes", "schedule": 300.0},
+    "purge-delivered-files": {"task": "routing.tasks.purge_delivered_files", "schedule": 3600.0},
+})
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 LOGGING = {

@@ -201,6 +201,11 @@ class Delivery(models.Model):
     next_attempt_at = models.DateTimeField(db_index=True)
     # When a worker claimed it (SENDING); a claim older than the lease is taken back.
     claimed_at = models.DateTimeField(null=True, blank=True)
+    # Which association holds the claim: a node's open associations are its distinct holders,
+    # counted against max_associations across every worker process and machine.
+    claimed_by = models.CharField(max_length=40, blank=True, default="")
+    # Set by a retry by hand: the give-up clock (DELIVERY_GIVE_UP_HOURS) restarts from here.
+    retried_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
     delivered_at = models.DateTimeField(null=True, blank=True)

@@ -183,7 +183,7 @@ def test_the_sweep_routes_instances_left_pending():
 
 
 def test_the_periodic_tasks_route_quiet_studies_and_pending_instances():
-    from routing.routing_tasks import route_pending_instances_task, route_quiet_studies_task
+    from routing.tasks import route_pending_instances_task, route_quiet_studies_task
 
     make_rule("whole study", [CT], [make_node("pacs1")], mode=RoutingMode.STUDY,
               study_quiet_seconds=60)

@@ -1,0 +1,578 @@
+"""Delivery: the sending stage. Rows say what has to go where; these functions claim them, send
+them with the C-STORE SCU, record each outcome, and find work whose task was lost.
+
+- A worker claims due rows of one node with a conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on
+  PostgreSQL; SQLite's IMMEDIATE transactions serialise writers), so a second run of the same
+  task finds nothing to do.
+- A node's open associations are the distinct holders (``claimed_by``) of its SENDING rows; a
+  holder only gets a claim while there are fewer than ``max_associations`` others. The node row
+  is locked while counting, so the limit holds across processes and machines.
+- One association carries many instances: the holder claims the next batch before it records
+  the last outcomes of the current one, so it never lets go of its slot while work is queued.
+- Failures retry with exponential backoff and become DEAD after DELIVERY_GIVE_UP_HOURS; only a
+  person brings them back (``retry_deliveries``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet
+from django.utils import timezone
+
+from gateway import audit
+
+from . import scu
+from .models import Delivery, DeliveryStatus, Node, ReceivedInstance
+
+logger = logging.getLogger(__name__)
+
+# Rows claimed at a time. Small enough that a claim is a short transaction and a dead worker
+# strands few rows; large enough that claiming costs little next to sending.
+BATCH_SIZE = 32
+RETRYABLE = [DeliveryStatus.DEAD, DeliveryStatus.FAILED]
+ABANDONABLE = [DeliveryStatus.PENDING, DeliveryStatus.FAILED, DeliveryStatus.DEAD]
+DONE = [DeliveryStatus.DELIVERED, DeliveryStatus.ABANDONED]
+
+# Successes are written in groups of this many, or after this long, whichever comes first.
+OUTCOME_GROUP = 16
+OUTCOME_SECONDS = 1.0
+
+Enqueue = Callable[[int], None]
+
+
+# --- Backoff -------------------------------------------------------------------------------
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """How long to wait after the ``attempts``-th failed attempt: DELIVERY_RETRY_BASE_SECONDS,
+    doubling each attempt, never more than DELIVERY_RETRY_MAX_SECONDS."""
+    base = settings.DELIVERY_RETRY_BASE_SECONDS
+    cap = settings.DELIVERY_RETRY_MAX_SECONDS
+    exponent = min(max(attempts - 1, 0), 32)
+    return timedelta(seconds=min(base * 2**exponent, cap))
+
+
+def gives_up_at(delivery: Delivery) -> datetime:
+    """When a delivery that keeps failing becomes DEAD: DELIVERY_GIVE_UP_HOURS after it was
+    decided, or after it was last retried by hand."""
+    start = max(delivery.created_at, delivery.retried_at or delivery.created_at)
+    return start + timedelta(hours=settings.DELIVERY_GIVE_UP_HOURS)
+
+
+# --- Claiming ------------------------------------------------------------------------------
+
+
+def due(now: datetime | None = None) -> QuerySet[Delivery]:
+    """Deliveries that should be attempted now (their node may still be disabled)."""
+    return Delivery.objects.filter(
+        status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED],
+        next_attempt_at__lte=now or timezone.now(),
+    )
+
+
+@dataclass
+class Claimed:
+    """A delivery this holder claimed, and the status to put back if it is not attempted."""
+
+    delivery: Delivery
+    previous_status: str
+
+
+def claim(
+    node_id: int, holder: str, limit: int = BATCH_SIZE, now: datetime | None = None
+) -> list[Claimed]:
+    """Claim up to ``limit`` due deliveries of an enabled node for ``holder`` (SENDING, with
+    claimed_at/claimed_by set) and return them in id order. Returns nothing when the node is
+    disabled, nothing is due, or ``holder`` holds nothing and the node already has
+    ``max_associations`` other holders with a live lease."""
+    now = now or timezone.now()
+    lease_start = now - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS)
+    with transaction.atomic():
+        # FOR NO KEY UPDATE: serialises claimants of this node without blocking the inserts of
+        # new Delivery rows, which only take a key-share lock on it.
+        node = Node.objects.select_for_update(no_key=True).filter(pk=node_id, enabled=True).first()
+        if node is None:
+            return []
+        sending = Delivery.objects.filter(node_id=node_id, status=DeliveryStatus.SENDING)
+        if not sending.filter(claimed_by=holder).exists():
+            holders = (
+                sending.filter(claimed_at__gte=lease_start)
+                .exclude(claimed_by=holder)
+                .values("claimed_by")
+                .distinct()
+                .count()
+            )
+            if holders >= node.max_associations:
+                return []
+        rows = list(
+            due(now)
+            .filter(node_id=node_id)
+            .select_for_update(skip_locked=True, of=("self",))
+            .order_by("id")
+            .values_list("id", "status")[:limit]
+        )
+        if not rows:
+            return []
+        ids = [pk for pk, _ in rows]
+        Delivery.objects.filter(
+            pk__in=ids, status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED]
+        ).update(status=DeliveryStatus.SENDING, claimed_at=now, claimed_by=holder, updated_at=now)
+        previous = dict(rows)
+        claimed = (
+            Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=holder)
+            .select_related("instance", "node")
+            .order_by("id")
+        )
+        return [Claimed(d, previous[d.pk]) for d in claimed]
+
+
+def release(claims: Iterable[Claimed], holder: str) -> None:
+    """Give back claimed rows that were not attempted, as they were (no attempt counted)."""
+    by_status: dict[str, list[int]] = {}
+    for c in claims:
+        by_status.setdefault(c.previous_status, []).append(c.delivery.pk)
+    for status, ids in by_status.items():
+        Delivery.objects.filter(
+            pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=holder
+        ).update(status=status, claimed_at=None, claimed_by="", updated_at=timezone.now())
+
+
+def renew_lease(holder: str, now: datetime | None = None) -> None:
+    """Keep a long batch from being taken back by the sweep while it is still being sent."""
+    Delivery.objects.filter(status=DeliveryStatus.SENDING, claimed_by=holder).update(
+        claimed_at=now or timezone.now()
+    )
+
+
+# --- Outcomes ------------------------------------------------------------------------------
+
+
+def record_delivered(delivery_ids: list[int], holder: str, now: datetime | None = None) -> int:
+    """The PACS has these instances. Also accepted for rows the sweep took back meanwhile (the
+    instance did arrive); never touches a row another holder has claimed since. Returns how
+    many rows changed."""
+    now = now or timezone.now()
+    mine = Q(status=DeliveryStatus.SENDING, claimed_by=holder)
+    taken_back = Q(status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED])
+    return Delivery.objects.filter(mine | taken_back, pk__in=delivery_ids).update(
+        status=DeliveryStatus.DELIVERED,
+        delivered_at=now,
+        last_error="",
+        updated_at=now,
+        claimed_at=None,
+        claimed_by="",
+        attempts=F("attempts") + 1,
+    )
+
+
+def record_failure(delivery_id: int, holder: str, error: str, now: datetime | None = None) -> str:
+    """One failed attempt: FAILED with the next attempt after the backoff, or DEAD once the
+    give-up time has passed. Returns the new status ("" if the row is no longer ours)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        delivery = (
+            Delivery.objects.select_for_update()
+            .filter(pk=delivery_id, status=DeliveryStatus.SENDING, claimed_by=holder)
+            .first()
+        )
+        if delivery is None:
+            return ""
+        attempts = delivery.attempts + 1
+        if now >= gives_up_at(delivery):
+            status, next_attempt_at = DeliveryStatus.DEAD, now
+        else:
+            status, next_attempt_at = DeliveryStatus.FAILED, now + retry_delay(attempts)
+        Delivery.objects.filter(pk=delivery_id).update(
+            status=status,
+            attempts=attempts,
+            last_error=error[:2000],
+            next_attempt_at=next_attempt_at,
+            claimed_at=None,
+            claimed_by="",
+            updated_at=now,
+        )
+        if status == DeliveryStatus.DEAD:
+            delivery.status, delivery.attempts = status, attempts
+            audit.record("delivery.dead", delivery, {"attempts": attempts, "last_error": error})
+        return status
+
+
+def supersede(claims: list[Claimed], holder: str) -> list[Claimed]:
+    """Abandon claimed deliveries of an older version of an instance that has been received
+    again (its new version has deliveries of its own); return the others."""
+    keep = []
+    for c in claims:
+        d = c.delivery
+        if d.instance_version == d.instance.version:
+            keep.append(c)
+            continue
+        Delivery.objects.filter(pk=d.pk, status=DeliveryStatus.SENDING, claimed_by=holder).update(
+            status=DeliveryStatus.ABANDONED,
+            claimed_at=None,
+            claimed_by="",
+            updated_at=timezone.now(),
+            last_error=f"superseded: the instance was received again (version "
+            f"{d.instance.version}, this delivery was for version {d.instance_version})",
+        )
+    return keep
+
+
+# --- Sending -------------------------------------------------------------------------------
+
+
+@dataclass
+class DeliveryRun:
+    """What one ``deliver_to_node`` call did."""
+
+    holder: str = field(default_factory=lambda: uuid.uuid4().hex)
+    associations: int = 0
+    delivered: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "associations": self.associations,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "errors": self.errors[:5],
+        }
+
+
+def instance_path(instance: ReceivedInstance) -> Path:
+    path = Path(instance.path)
+    return path if path.is_absolute() else Path(settings.DATA_DIR) / path
+
+
+def _pairs(claims: Iterable[Claimed]) -> list[tuple[str, str]]:
+    return [
+        (c.delivery.instance.sop_class_uid, c.delivery.instance.transfer_syntax_uid) for c in claims
+    ]
+
+
+def _due_pairs(node_id: int) -> list[tuple[str, str]]:
+    """The (SOP class, transfer syntax) pairs still due for the node, so that the association
+    opened now can carry the batches after this one too."""
+    return list(
+        due()
+        .filter(node_id=node_id)
+        .values_list("instance__sop_class_uid", "instance__transfer_syntax_uid")
+        .distinct()[: scu.MAX_CONTEXTS]
+    )
+
+
+def _coercer() -> scu.Coercer | None:
+    # The rules engineer's function; looked up when needed so the two stages stay separate.
+    try:
+        from .rules import apply_coercions
+    except ImportError:
+        return None
+    return apply_coercions
+
+
+def deliver_to_node(node_id: int) -> DeliveryRun:
+    """Send everything due for one node on as few associations as possible, while this
+    holder has a slot. Safe to run any number of times concurrently."""
+    run = DeliveryRun()
+    node = Node.objects.filter(pk=node_id).first()
+    if node is None:
+        return run
+    dest = scu.Destination(node.name, node.ae_title, node.host, node.port)
+    batch = claim(node_id, run.holder)
+    while batch:
+        batch = supersede(batch, run.holder)
+        if not batch:
+            batch = claim(node_id, run.holder)
+            continue
+        plan = scu.plan_contexts([*_pairs(batch), *_due_pairs(node_id)])
+        sendable = [c for c in batch if _fits(plan, c)]
+        release([c for c in batch if not _fits(plan, c)], run.holder)
+        try:
+            assoc = scu.StoreAssociation(dest, settings.DICOM_AE_TITLE, plan)
+        except scu.AssociationFailed as exc:
+            # The node is unreachable: every claimed row waits for its own retry time.
+            for c in sendable:
+                _failed(run, c, str(exc))
+            return run
+        run.associations += 1
+        with assoc:
+            batch = []
+            while sendable:
+                following = _send_batch(assoc, sendable, node_id, run)
+                if following is None:  # association lost; the rest were given back
+                    return run
+                following = supersede(following, run.holder)
+                if not assoc.is_open or not assoc.carries(_pairs(following)):
+                    batch = following  # needs contexts this association lacks: open another
+                    break
+                sendable = following
+        if not batch:
+            # Released the slot: a task that found it taken meanwhile returned at once, so look
+            # again before leaving.
+            batch = claim(node_id, run.holder)
+    return run
+
+
+def _fits(plan: dict[str, list[str]], c: Claimed) -> bool:
+    i = c.delivery.instance
+    return i.transfer_syntax_uid in plan.get(i.sop_class_uid, ())
+
+
+def _failed(run: DeliveryRun, c: Claimed, error: str) -> None:
+    if record_failure(c.delivery.pk, run.holder, error):
+        run.failed += 1
+        if error not in run.errors:
+            run.errors.append(error)
+
+
+def _send_batch(
+    assoc: scu.StoreAssociation, batch: list[Claimed], node_id: int, run: DeliveryRun
+) -> list[Claimed] | None:
+    """Send one claimed batch; return the next batch, claimed while this holder still holds
+    rows of this one, so its slot is never free while work is queued; None if the association
+    broke. Successes are recorded a few at a time: one commit per instance would cost about as
+    much as sending it."""
+    coercer = _coercer()
+    stored: list[int] = []
+    recorded_at = renewed_at = time.monotonic()
+
+    def record_stored() -> None:
+        nonlocal stored, recorded_at, renewed_at
+        if stored:
+            run.delivered += record_delivered(stored, run.holder)
+            stored = []
+        recorded_at = time.monotonic()
+        if recorded_at - renewed_at > settings.DELIVERY_LEASE_SECONDS / 3:
+            renew_lease(run.holder)
+            renewed_at = recorded_at
+
+    try:
+        for index, c in enumerate(batch):
+            d = c.delivery
+            result = assoc.store(
+                instance_path(d.instance),
+                d.instance.sop_class_uid,
+                d.instance.transfer_syntax_uid,
+                d.coerce or [],
+                coercer,
+            )
+            if result.connection_lost:
+                _failed(run, c, result.error)
+                release(batch[index + 1 :], run.holder)
+                return None
+            if result.stored:
+                stored.append(d.pk)
+            else:
+                _failed(run, c, result.error)
+            last = index == len(batch) - 1
+            if not last and (
+                len(stored) >= OUTCOME_GROUP or time.monotonic() - recorded_at > OUTCOME_SECONDS
+            ):
+                record_stored()
+        return claim(node_id, run.holder)
+    finally:
+        record_stored()
+
+
+# --- Sweep, echo, retention ----------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    taken_back: int
+    enqueued: dict[int, int]
+
+
+def take_back_expired(now: datetime | None = None) -> int:
+    """SENDING rows whose claim is older than DELIVERY_LEASE_SECONDS (the worker died or lost
+    its database) go back to PENDING; no attempt is counted."""
+    now = now or timezone.now()
+    lease_start = now - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS)
+    return Delivery.objects.filter(
+        status=DeliveryStatus.SENDING, claimed_at__lt=lease_start
+    ).update(
+        status=DeliveryStatus.PENDING,
+        claimed_at=None,
+        claimed_by="",
+        next_attempt_at=now,
+        updated_at=now,
+        last_error="taken back: the claim expired before an outcome was recorded",
+    )
+
+
+def sweep(enqueue: Enqueue, now: datetime | None = None) -> SweepResult:
+    """Take back expired claims, then ask for delivery to every enabled node with due rows:
+    as many tasks as it could use associations (at most ``max_associations``). The database
+    alone decides, so work survives a broker that lost its messages."""
+    now = now or timezone.now()
+    taken_back = take_back_expired(now)
+    backlog = (
+        due(now)
+        .filter(node__enabled=True)
+        .values("node_id", "node__max_associations")
+        .annotate(n=Count("id"))
+        .order_by("node_id")
+    )
+    enqueued: dict[int, int] = {}
+    for row in backlog:
+        tasks = max(1, min(row["node__max_associations"], math.ceil(row["n"] / BATCH_SIZE)))
+        for _ in range(tasks):
+            enqueue(row["node_id"])
+        enqueued[row["node_id"]] = tasks
+    return SweepResult(taken_back, enqueued)
+
+
+def run_routing_stage() -> None:
+    """Let the rules stage catch up: instances whose routing was lost, and per-study rules
+    whose studies went quiet. Optional: skipped while that stage does not exist."""
+    try:
+        from . import routing as routing_stage
+    except ImportError:
+        return
+    for name in ("route_pending_instances", "route_quiet_studies"):
+        function = getattr(routing_stage, name, None)
+        if function is None:
+            continue
+        try:
+            function()
+        except Exception:
+            logger.exception("%s failed during the sweep", name)
+
+
+def echo_node(node_id: int) -> str:
+    """C-ECHO one node and record the answer on it; returns "" on success, else the error."""
+    node = Node.objects.filter(pk=node_id).first()
+    if node is None:
+        return f"no node {node_id}"
+    dest = scu.Destination(node.name, node.ae_title, node.host, node.port)
+    error = scu.echo(dest, settings.DICOM_AE_TITLE)
+    now = timezone.now()
+    fields = {"last_echo_at": now, "last_echo_error": error}
+    if not error:
+        fields["last_echo_ok_at"] = now
+    Node.objects.filter(pk=node_id).update(**fields)
+    return error
+
+
+def purge_delivered_files(now: datetime | None = None) -> int:
+    """Delete received files whose every delivery is DELIVERED or ABANDONED and that are older
+    than GATEWAY_RETENTION_HOURS; set file_deleted_at. Instances with no delivery at all
+    (not routed yet, or UNMATCHED) keep their file, so an administrator can still see and route
+    them; so do instances with a DEAD delivery, which can be retried by hand."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(hours=settings.GATEWAY_RETENTION_HOURS)
+    deliveries = Delivery.objects.filter(instance=OuterRef("pk"))
+    candidates = ReceivedInstance.objects.filter(
+        Exists(deliveries),
+        ~Exists(deliveries.exclude(status__in=DONE)),
+        file_deleted_at__isnull=True,
+        received_at__lt=cutoff,
+    )
+    deleted = freed = 0
+    for pk in list(candidates.values_list("pk", flat=True)[:10000]):
+        with transaction.atomic():
+            instance = candidates.select_for_update(of=("self",)).filter(pk=pk).first()
+            if instance is None:
+                continue
+            path = instance_path(instance)
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except FileNotFoundError:
+                pass
+            ReceivedInstance.objects.filter(pk=pk).update(file_deleted_at=now)
+            deleted += 1
+    if deleted:
+        audit.record(
+            "retention.purge",
+            None,
+            {
+                "files": deleted,
+                "bytes": freed,
+                "older_than_hours": settings.GATEWAY_RETENTION_HOURS,
+            },
+        )
+    return deleted
+
+
+# --- By hand -------------------------------------------------------------------------------
+
+
+def retry_by_hand(
+    deliveries: QuerySet[Delivery], enqueue: Enqueue, actor: str | None = None
+) -> list[int]:
+    """Put DEAD or FAILED deliveries back to PENDING, due now, with attempts reset to 0 and the
+    give-up clock restarted; enqueue their nodes once the change commits. Deliveries whose file
+    retention already deleted are skipped. Returns the ids retried."""
+    now = timezone.now()
+    with transaction.atomic():
+        rows = list(
+            deliveries.filter(status__in=RETRYABLE, instance__file_deleted_at__isnull=True)
+            .select_for_update(of=("self",))
+            .select_related("instance", "node")
+            .order_by("id")
+        )
+        for d in rows:
+            audit.record(
+                "delivery.retry",
+                d,
+                {
+                    "previous_status": d.status,
+                    "attempts": d.attempts,
+                    "last_error": d.last_error,
+                },
+                actor=actor,
+            )
+        Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            retried_at=now,
+            claimed_at=None,
+            claimed_by="",
+            updated_at=now,
+        )
+        for node_id in sorted({d.node_id for d in rows}):
+            transaction.on_commit(lambda node_id=node_id: enqueue(node_id))
+    return [d.pk for d in rows]
+
+
+def abandon(deliveries: QuerySet[Delivery], actor: str | None = None) -> list[int]:
+    """Give up on PENDING, FAILED or DEAD deliveries for good (ABANDONED): they are never sent
+    and no longer keep their file from retention. Returns the ids abandoned."""
+    with transaction.atomic():
+        rows = list(
+            deliveries.filter(status__in=ABANDONABLE)
+            .select_for_update(of=("self",))
+            .select_related("instance", "node")
+            .order_by("id")
+        )
+        for d in rows:
+            audit.record(
+                "delivery.abandon",
+                d,
+                {
+                    "previous_status": d.status,
+                    "attempts": d.attempts,
+                    "last_error": d.last_error,
+                },
+                actor=actor,
+            )
+        Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
+            status=DeliveryStatus.ABANDONED,
+            claimed_at=None,
+            claimed_by="",
+            updated_at=timezone.now(),
+        )
+    return [d.pk for d in rows]

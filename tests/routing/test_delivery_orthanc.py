@@ -1,0 +1,277 @@
+"""Sending to a real PACS (Orthanc) from this process: what arrives is what was received, one
+association carries many instances, a node that refuses a compressed syntax gets a decompressed
+copy, and every kind of failure leaves a row a person can read."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.utils import timezone
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.sop_class import CTImageStorage
+
+from routing import delivery, scu
+from routing.models import Delivery, DeliveryStatus, Node
+from tests.fixtures_pacs import (
+    UNCOMPRESSED_ONLY,
+    free_port,
+    make_delivery,
+    make_instance,
+    make_node,
+)
+
+pytestmark = pytest.mark.django_db
+
+# One file per transfer syntax: explicit, implicit and big endian VR, deflated, JPEG baseline,
+# JPEG 2000 (lossless and not), RLE.
+PIXEL_DATA = 0x7FE00010
+SOURCES = {
+    "CT_small.dcm": "1.2.840.10008.1.2.1",
+    "MR_small_implicit.dcm": "1.2.840.10008.1.2",
+    "MR_small_bigendian.dcm": "1.2.840.10008.1.2.2",
+    "image_dfl.dcm": "1.2.840.10008.1.2.1.99",
+    "SC_rgb_dcmtk_+eb+cy+np.dcm": "1.2.840.10008.1.2.4.50",
+    "MR_small_jp2klossless.dcm": "1.2.840.10008.1.2.4.90",
+    "JPEG2000.dcm": "1.2.840.10008.1.2.4.91",
+    "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",
+}
+
+
+def dataset_bytes(data: bytes | Path, tmp_path: Path) -> bytes:
+    """The encoded dataset after the file meta information (which each side writes itself)."""
+    if isinstance(data, bytes):
+        path = tmp_path / "from-orthanc.dcm"
+        path.write_bytes(data)
+        data = path
+    _, offset = split_dataset(data)
+    return data.read_bytes()[offset:]
+
+
+def assert_same_instance(arrived: bytes, original: Path, tmp_path: Path) -> None:
+    """What Orthanc stores is what was received: the dataset bytes, or where Orthanc normalises
+    its copy (it deflates again with its own settings, and writes OB for encapsulated pixel
+    data that a file gave as OW), every attribute's value and the pixel data bytes."""
+    if dataset_bytes(arrived, tmp_path) == dataset_bytes(original, tmp_path):
+        return
+    ours, theirs = dcmread(original), dcmread(BytesIO(arrived))
+    assert theirs.file_meta.TransferSyntaxUID == ours.file_meta.TransferSyntaxUID
+    assert theirs.PixelData == ours.PixelData
+    assert [(e.tag, e.value) for e in theirs if e.tag != PIXEL_DATA] == [
+        (e.tag, e.value) for e in ours if e.tag != PIXEL_DATA
+    ]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def rows(node) -> list[Delivery]:
+    return list(Delivery.objects.filter(node=node).order_by("id"))
+
+
+def test_it_sends_each_instance_as_it_was_received(tmp_path, orthanc):
+    node = make_node(orthanc)
+    instances = [make_instance(tmp_path / "in", source) for source in SOURCES]
+    for instance in instances:
+        make_delivery(instance, node)
+
+    run = delivery.deliver_to_node(node.pk)
+
+    assert run.errors == []
+    assert [d.status for d in rows(node)] == [DeliveryStatus.DELIVERED] * len(SOURCES)
+    stored = orthanc.instances()
+    assert set(stored) == {i.sop_instance_uid for i in instances}
+    for instance, syntax in zip(instances, SOURCES.values(), strict=True):
+        orthanc_id = stored[instance.sop_instance_uid]
+        assert orthanc.transfer_syntax(orthanc_id) == syntax
+        assert_same_instance(orthanc.file(orthanc_id), Path(instance.path), tmp_path)
+
+
+def test_it_sends_many_instances_on_one_association(tmp_path, orthanc):
+    node = make_node(orthanc)
+    count = delivery.BATCH_SIZE * 2 + 5
+    for _ in range(count):
+        make_delivery(make_instance(tmp_path, "CT_small.dcm"), node)
+    make_delivery(make_instance(tmp_path, "JPEG2000.dcm"), node)
+
+    run = delivery.deliver_to_node(node.pk)
+
+    assert (run.associations, run.delivered) == (1, count + 1)
+    assert len(orthanc.instances()) == count + 1
+    assert sorted(orthanc.receptions()) == sorted(d.instance.sop_instance_uid for d in rows(node))
+
+
+@pytest.mark.parametrize(
+    "source", ["SC_rgb_dcmtk_+eb+cy+np.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm"]
+)
+def test_it_sends_a_decompressed_copy_to_a_node_that_refuses_the_compressed_syntax(
+    tmp_path, start_orthanc, source
+):
+    orthanc = start_orthanc(AcceptedTransferSyntaxes=UNCOMPRESSED_ONLY)
+    node = make_node(orthanc)
+    instance = make_instance(tmp_path, source)
+    original = sha256(instance.path)
+    make_delivery(instance, node)
+
+    run = delivery.deliver_to_node(node.pk)
+
+    assert run.errors == []
+    assert rows(node)[0].status == DeliveryStatus.DELIVERED
+    orthanc_id = orthanc.instances()[instance.sop_instance_uid]
+    assert orthanc.transfer_syntax(orthanc_id) in UNCOMPRESSED_ONLY
+    arrived = dcmread(BytesIO(orthanc.file(orthanc_id)))
+    assert np.array_equal(arrived.pixel_array, dcmread(instance.path).pixel_array)
+    assert sha256(instance.path) == original
+
+
+def test_it_fails_clearly_when_the_refused_copy_cannot_be_decompressed(tmp_path, start_orthanc):
+    orthanc = start_orthanc(AcceptedTransferSyntaxes=UNCOMPRESSED_ONLY)
+    node = make_node(orthanc)
+    broken = make_instance(tmp_path, "SC_rgb_dcmtk_+eb+cy+np.dcm")
+    ds = dcmread(broken.path)
+    ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream \xff\xd9"])
+    ds.save_as(broken.path)
+    make_delivery(broken, node)
+    before = timezone.now()
+
+    delivery.deliver_to_node(node.pk)
+
+    (row,) = rows(node)
+    assert row.status == DeliveryStatus.FAILED
+    assert row.attempts == 1
+    assert row.last_error.startswith(
+        "PACS1 accepts no transfer syntax for SOP class Secondary Capture Image Storage "
+        "(1.2.840.10008.5.1.4.1.1.7) in 1.2.840.10008.1.2.4.50 and the copy could not be "
+        "decompressed: "
+    )
+    assert row.next_attempt_at >= before + delivery.retry_delay(1)
+    assert orthanc.instances() == {}
+
+
+def test_a_node_that_is_down_delays_delivery(tmp_path, start_orthanc, settings):
+    settings.DELIVERY_RETRY_BASE_SECONDS = 30
+    down = start_orthanc(start=False)
+    node = make_node(down)
+    make_delivery(make_instance(tmp_path), node)
+    make_delivery(make_instance(tmp_path), node)
+    before = timezone.now()
+
+    run = delivery.deliver_to_node(node.pk)
+
+    assert (run.associations, run.failed) == (0, 2)
+    for row in rows(node):
+        assert (row.status, row.attempts) == (DeliveryStatus.FAILED, 1)
+        assert row.last_error == f"connection refused to 127.0.0.1:{down.dicom_port}"
+        assert before + timedelta(seconds=30) <= row.next_attempt_at
+        assert row.next_attempt_at <= timezone.now() + timedelta(seconds=30)
+
+
+def test_an_association_rejected_by_the_node_is_a_failure_with_its_reason(tmp_path, orthanc):
+    node = make_node(orthanc, ae_title="NOT-ORTHANC")
+    make_delivery(make_instance(tmp_path), node)
+
+    delivery.deliver_to_node(node.pk)
+
+    (row,) = rows(node)
+    assert row.status == DeliveryStatus.FAILED
+    assert row.last_error.startswith("association rejected by PACS1: Called AE title not recog")
+
+
+def test_a_failure_status_from_the_pacs_is_recorded(tmp_path):
+    """A PACS that is out of disk answers 0xA700 (a pynetdicom SCP plays it: Orthanc 1.10 has no
+    way to answer a failure status)."""
+    ae = AE(ae_title="FULLPACS")
+    ae.add_supported_context(CTImageStorage, scu.UNCOMPRESSED)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)]
+    )
+    try:
+        node = make_node(ae_title="FULLPACS", port=port)
+        make_delivery(make_instance(tmp_path), node)
+
+        delivery.deliver_to_node(node.pk)
+    finally:
+        server.shutdown()
+
+    (row,) = rows(node)
+    assert (row.status, row.last_error) == (
+        DeliveryStatus.FAILED,
+        "C-STORE status 0xA700 (out of resources)",
+    )
+
+
+def test_a_disabled_node_is_not_attempted(tmp_path, orthanc):
+    node = make_node(orthanc, enabled=False)
+    make_delivery(make_instance(tmp_path), node)
+
+    run = delivery.deliver_to_node(node.pk)
+
+    assert run.associations == 0
+    (row,) = rows(node)
+    assert (row.status, row.attempts, row.last_error) == (DeliveryStatus.PENDING, 0, "")
+    assert orthanc.instances() == {}
+
+
+def test_a_second_run_sends_nothing_again(tmp_path, orthanc):
+    node = make_node(orthanc)
+    for _ in range(3):
+        make_delivery(make_instance(tmp_path), node)
+
+    delivery.deliver_to_node(node.pk)
+    again = delivery.deliver_to_node(node.pk)
+
+    assert (again.associations, again.delivered) == (0, 0)
+    assert len(orthanc.receptions()) == 3
+
+
+def test_the_echo_check_records_the_answer(orthanc, start_orthanc):
+    up = make_node(orthanc)
+    down_pacs = start_orthanc(start=False)
+    down = make_node(down_pacs, name="PACS2")
+
+    assert delivery.echo_node(up.pk) == ""
+    assert delivery.echo_node(down.pk) == f"connection refused to 127.0.0.1:{down_pacs.dicom_port}"
+
+    up, down = Node.objects.get(pk=up.pk), Node.objects.get(pk=down.pk)
+    assert up.last_echo_at and up.last_echo_ok_at == up.last_echo_at
+    assert up.last_echo_error == ""
+    assert down.last_echo_at and down.last_echo_ok_at is None
+    assert down.last_echo_error.startswith("connection refused")
+
+
+@pytest.mark.parametrize("source", ["CT_small.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm"])
+def test_coercions_change_the_copy_sent_and_nothing_else(tmp_path, orthanc, source):
+    node = make_node(orthanc)
+    instance = make_instance(tmp_path, source, PatientID="ID1", StudyDescription="CT HEAD")
+    original = sha256(instance.path)
+    make_delivery(
+        instance,
+        node,
+        coerce=[
+            {"attribute": "InstitutionName", "action": "set", "value": "General Hospital"},
+            {"attribute": "PatientID", "action": "prefix", "value": "EXT-"},
+            {"attribute": "StudyDescription", "action": "remove"},
+        ],
+    )
+
+    run = delivery.deliver_to_node(node.pk)
+
+    assert run.errors == []
+    orthanc_id = orthanc.instances()[instance.sop_instance_uid]
+    tags = orthanc.tags(orthanc_id)
+    assert (tags["InstitutionName"], tags["PatientID"]) == ("General Hospital", "EXT-ID1")
+    assert "StudyDescription" not in tags
+    arrived, ours = dcmread(BytesIO(orthanc.file(orthanc_id))), dcmread(instance.path)
+    assert orthanc.transfer_syntax(orthanc_id) == instance.transfer_syntax_uid
+    assert arrived.PixelData == ours.PixelData
+    assert sha256(instance.path) == original
+    assert (ours.PatientID, ours.StudyDescription) == ("ID1", "CT HEAD")
