@@ -517,31 +517,14 @@ def retry_by_hand(
     retention already deleted are skipped. Returns the ids retried."""
     now = timezone.now()
     with transaction.atomic():
-        rows = list(
-            deliveries.filter(status__in=RETRYABLE, instance__file_deleted_at__isnull=True)
-            .select_for_update(of=("self",))
-            .select_related("instance", "node")
-            .order_by("id")
-        )
-        for d in rows:
-            audit.record(
-                "delivery.retry",
-                d,
-                {
-                    "previous_status": d.status,
-                    "attempts": d.attempts,
-                    "last_error": d.last_error,
-                },
-                actor=actor,
-            )
-        Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
+        rows = _change_by_hand(
+            deliveries.filter(status__in=RETRYABLE, instance__file_deleted_at__isnull=True),
+            "delivery.retry",
+            actor,
             status=DeliveryStatus.PENDING,
             attempts=0,
             next_attempt_at=now,
             retried_at=now,
-            claimed_at=None,
-            claimed_by="",
-            updated_at=now,
         )
         for node_id in sorted({d.node_id for d in rows}):
             transaction.on_commit(lambda node_id=node_id: enqueue(node_id))
@@ -552,27 +535,33 @@ def abandon(deliveries: QuerySet[Delivery], actor: str | None = None) -> list[in
     """Give up on PENDING, FAILED or DEAD deliveries for good (ABANDONED): they are never sent
     and no longer keep their file from retention. Returns the ids abandoned."""
     with transaction.atomic():
-        rows = list(
-            deliveries.filter(status__in=ABANDONABLE)
-            .select_for_update(of=("self",))
-            .select_related("instance", "node")
-            .order_by("id")
-        )
-        for d in rows:
-            audit.record(
-                "delivery.abandon",
-                d,
-                {
-                    "previous_status": d.status,
-                    "attempts": d.attempts,
-                    "last_error": d.last_error,
-                },
-                actor=actor,
-            )
-        Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
+        rows = _change_by_hand(
+            deliveries.filter(status__in=ABANDONABLE),
+            "delivery.abandon",
+            actor,
             status=DeliveryStatus.ABANDONED,
-            claimed_at=None,
-            claimed_by="",
-            updated_at=timezone.now(),
         )
     return [d.pk for d in rows]
+
+
+def _change_by_hand(
+    deliveries: QuerySet[Delivery], action: str, actor: str | None, **changes
+) -> list[Delivery]:
+    """Lock the deliveries, audit each one's state before the change, then apply ``changes``
+    (and drop any claim). Runs inside the caller's transaction."""
+    rows = list(
+        deliveries.select_for_update(of=("self",))
+        .select_related("instance", "node")
+        .order_by("id")
+    )
+    for d in rows:
+        audit.record(
+            action,
+            d,
+            {"previous_status": d.status, "attempts": d.attempts, "last_error": d.last_error},
+            actor=actor,
+        )
+    Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
+        claimed_at=None, claimed_by="", updated_at=timezone.now(), **changes
+    )
+    return rows

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.servers import process_env
+from tests.servers import free_port, process_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ORTHANC = "/usr/sbin/Orthanc"
@@ -45,12 +44,6 @@ function OnStoredInstance(instanceId, tags, metadata, origin)
    f:close()
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(

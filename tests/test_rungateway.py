@@ -15,7 +15,7 @@ from pathlib import Path
 import hl7.client
 import pytest
 
-from tests.servers import findscu_worklist
+from tests.servers import findscu_worklist, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,12 +28,6 @@ ORDER = (
     "|||CT\r"
     "ZDS|1.2.826.0.1.3680043.8.498.777\r"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
