@@ -86,6 +86,18 @@ if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
     if not DATABASES["default"]["ENGINE"].endswith(("postgresql", "sqlite3")):
         raise ImproperlyConfigured("DATABASE_URL must be a postgres:// or sqlite:// URL")
+    # The listeners serve each association or message on a thread that opens and closes its
+    # own connection; a per-process pool makes that close a hand-back instead of a ~7 ms
+    # reconnect.
+    DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=0)
+    if DATABASES["default"]["ENGINE"].endswith("postgresql") and DATABASE_POOL_MAX_SIZE:
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": DATABASE_POOL_MAX_SIZE,
+            # How long a thread waits for a pooled connection; with the database down, the
+            # HL7 listener answers AE after this long rather than leaving the sender hanging.
+            "timeout": env_int("DATABASE_POOL_TIMEOUT", 5, minimum=1),
+        }
 else:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
