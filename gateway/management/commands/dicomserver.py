@@ -1,4 +1,4 @@
-"""The gateway's DICOM AE: Verification and Modality Worklist C-FIND SCP, until SIGTERM or
+"""The gateway's DICOM AE: Verification, Modality Worklist C-FIND and Storage SCP, until SIGTERM or
 Ctrl-C."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from gateway.dicom import start_server, stop_server
 
 
 class Command(BaseCommand):
-    help = "Run the DICOM AE (C-ECHO, Modality Worklist C-FIND) in the foreground."
+    help = "Run the DICOM AE (C-ECHO, Modality Worklist C-FIND, C-STORE) in the foreground."
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default=settings.DICOM_HOST)
