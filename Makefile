@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: install run test lint bench-worklist clean
+.PHONY: install run test lint bench-worklist bench-routing clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: install
 bench-worklist: install
 	scripts/ensure-test-services.sh
 	DATABASE_URL=$(TEST_DATABASE_URL) TCP_NODELAY=1 $(BIN)/python bench/worklist.py
+
+bench-routing: install
+	scripts/ensure-test-services.sh
+	DATABASE_URL=$(TEST_DATABASE_URL) TCP_NODELAY=1 $(BIN)/python bench/routing.py
 
 clean:
 	rm -rf $(VENV) var
