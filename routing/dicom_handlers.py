@@ -56,7 +56,7 @@ from pynetdicom.sop_class import register_uid, uid_to_service_class
 from gateway.audit import acting_as
 
 from .models import AssociationResult, DicomAssociation
-from .routing import route_instance
+from .routing import enabled_rules, route_instance
 from .storage import Origin, StorageConfig, StoreResult, StoreStatus, store_instance
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,9 @@ class AssociationLog:
         row_id: int | None = None
         instances: int = 0
         failures: int = 0
+        # The enabled rules, loaded at the association's first routing: an association
+        # routes with the rules as they were when it started sending.
+        rules: list | None = None
 
     def __init__(self) -> None:
         self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -288,7 +291,7 @@ def handle_store(event, config: StorageConfig, log: AssociationLog) -> int | Dat
             else:
                 entry.failures += 1
             if result.route and result.instance_id is not None:
-                _route(result.instance_id)
+                _route(result.instance_id, entry)
         if result.ok:
             return int(StoreStatus.SUCCESS)
         return _failure(result.status, result.comment)
@@ -306,9 +309,11 @@ def _as_part10(event, calling_ae: str) -> bytes:
                      event.request.DataSet.getvalue()))
 
 
-def _route(instance_id: int) -> None:
+def _route(instance_id: int, entry: AssociationLog.Entry) -> None:
     try:
-        route_instance(instance_id)
+        if entry.rules is None:
+            entry.rules = enabled_rules()
+        route_instance(instance_id, rules=entry.rules)
     except Exception:
         logger.exception("routing instance %s failed; it stays PENDING for the sweep",
                          instance_id)

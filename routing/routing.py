@@ -117,7 +117,7 @@ def route_instance(instance_id: int, now: datetime | None = None,
             Delivery.objects.filter(
                 instance=instance, instance_version=instance.version
             ).values_list("node_id", flat=True)
-        )
+        ) if decided else set()
         new = [
             Delivery(
                 instance=instance,

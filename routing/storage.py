@@ -37,7 +37,7 @@ from enum import IntEnum
 from io import BytesIO
 from pathlib import Path
 
-from django.db import transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -198,11 +198,12 @@ def _check_free_space(config: StorageConfig, size: int) -> None:
 
 def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
            config: StorageConfig) -> StoreResult:
-    existing = ReceivedInstance.objects.filter(sop_instance_uid=uids.sop_instance).first()
-    if existing is not None and config.duplicate_policy == DuplicatePolicy.KEEP:
-        return StoreResult(StoreStatus.SUCCESS, "duplicate kept", existing.pk, route=False)
-    if existing is not None and config.duplicate_policy == DuplicatePolicy.REJECT:
-        raise StoreRefused(StoreStatus.DUPLICATE_REJECTED, "SOP Instance UID already received")
+    if config.duplicate_policy != DuplicatePolicy.REPLACE:
+        existing = ReceivedInstance.objects.filter(sop_instance_uid=uids.sop_instance).first()
+        if existing is not None and config.duplicate_policy == DuplicatePolicy.KEEP:
+            return StoreResult(StoreStatus.SUCCESS, "duplicate kept", existing.pk, route=False)
+        if existing is not None and config.duplicate_policy == DuplicatePolicy.REJECT:
+            raise StoreRefused(StoreStatus.DUPLICATE_REJECTED, "SOP Instance UID already received")
     _check_free_space(config, len(encoded))
 
     final = config.store_dir / uids.study / uids.series / f"{uids.sop_instance}.dcm"
@@ -210,21 +211,46 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
     renamed = False
     previous_path: str | None = None
     try:
+        header = header_as_json(ds)
         with transaction.atomic():
             now = timezone.now()
-            study = _upsert_study(ds, uids.study, now)
-            instance = (
-                ReceivedInstance.objects.select_for_update()
-                .filter(sop_instance_uid=uids.sop_instance).first()
-            )
-            if instance is not None and config.duplicate_policy != DuplicatePolicy.REPLACE:
-                # Another association stored it between our check and our lock.
-                raise StoreRefused(StoreStatus.DUPLICATE_REJECTED
-                                   if config.duplicate_policy == DuplicatePolicy.REJECT
-                                   else StoreStatus.SUCCESS, "duplicate")
-            if instance is None:
-                instance = ReceivedInstance(sop_instance_uid=uids.sop_instance, version=1)
-            else:
+            study_id = _upsert_study(ds, uids.study, now)
+            fields = {
+                "study_id": study_id,
+                "sop_class_uid": uids.sop_class,
+                "series_instance_uid": uids.series,
+                "transfer_syntax_uid": uids.transfer_syntax,
+                "header": header,
+                "calling_ae": origin.calling_ae[:16],
+                "called_ae": origin.called_ae[:16],
+                "source_ip": origin.source_ip[:64],
+                "association_id": origin.association_id,
+                "size": len(encoded),
+                "path": str(final),
+                "received_at": now,
+                "routing_status": RoutingStatus.PENDING,
+                "routed_at": None,
+                "file_deleted_at": None,
+            }
+            # Most instances are new: insert straight away; a duplicate (already there, or
+            # stored meanwhile by another association) trips the unique SOP Instance UID
+            # and takes the locked path below.
+            instance = ReceivedInstance(sop_instance_uid=uids.sop_instance, version=1, **fields)
+            try:
+                with transaction.atomic():
+                    instance.save(force_insert=True)
+            except IntegrityError:
+                instance = (
+                    ReceivedInstance.objects.select_for_update()
+                    .filter(sop_instance_uid=uids.sop_instance).first()
+                )
+                if instance is None:
+                    raise
+                if config.duplicate_policy != DuplicatePolicy.REPLACE:
+                    # Another association stored it between our check and our insert.
+                    raise StoreRefused(StoreStatus.DUPLICATE_REJECTED
+                                       if config.duplicate_policy == DuplicatePolicy.REJECT
+                                       else StoreStatus.SUCCESS, "duplicate") from None
                 previous_path = instance.path
                 instance.version += 1
                 Delivery.objects.filter(
@@ -236,22 +262,9 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                     last_error=f"superseded by version {instance.version}",
                     updated_at=now,
                 )
-            instance.study = study
-            instance.sop_class_uid = uids.sop_class
-            instance.series_instance_uid = uids.series
-            instance.transfer_syntax_uid = uids.transfer_syntax
-            instance.header = header_as_json(ds)
-            instance.calling_ae = origin.calling_ae[:16]
-            instance.called_ae = origin.called_ae[:16]
-            instance.source_ip = origin.source_ip[:64]
-            instance.association_id = origin.association_id
-            instance.size = len(encoded)
-            instance.path = str(final)
-            instance.received_at = now
-            instance.routing_status = RoutingStatus.PENDING
-            instance.routed_at = None
-            instance.file_deleted_at = None
-            instance.save()
+                for name, value in fields.items():
+                    setattr(instance, name, value)
+                instance.save()
             # Last step before commit: from here on, the file is the one the row describes.
             os.replace(temp, final)
             renamed = True
@@ -274,31 +287,55 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
     return StoreResult(StoreStatus.SUCCESS, instance_id=instance.pk, route=True)
 
 
-def _upsert_study(ds: Dataset, study_uid: str, now) -> ReceivedStudy:
-    study, _ = ReceivedStudy.objects.select_for_update().get_or_create(
-        study_instance_uid=study_uid, defaults={"last_received_at": now}
-    )
-    study.last_received_at = now
-    # A study that grows after it was routed as a whole is routed again once quiet.
-    study.study_routed_at = None
-    for field, keyword, size in (
-        ("patient_id", "PatientID", 64),
-        ("patient_name", "PatientName", 324),
-        ("accession_number", "AccessionNumber", 16),
-        ("study_date", "StudyDate", 8),
-        ("study_description", "StudyDescription", 64),
-    ):
-        value = _text(ds, keyword)
-        if value:
-            setattr(study, field, value[:size])
+_STUDY_FIELDS = (
+    ("patient_id", "PatientID", 64),
+    ("patient_name", "PatientName", 324),
+    ("accession_number", "AccessionNumber", 16),
+    ("study_date", "StudyDate", 8),
+    ("study_description", "StudyDescription", 64),
+)
+
+
+def _upsert_study(ds: Dataset, study_uid: str, now) -> int:
+    """Create or update the study row (locking it until commit) in one statement; return
+    its id. Fields the instance has a value for overwrite the study's; the instance's
+    modality is added to the study's modalities."""
+    qn = connection.ops.quote_name
+    table = qn(ReceivedStudy._meta.db_table)
+    values = {field: (_text(ds, keyword) or "")[:size] for field, keyword, size in _STUDY_FIELDS}
     modality = _text(ds, "Modality")
-    modalities = [m for m in study.modalities.split("\\") if m]
-    if modality and modality not in modalities:
-        candidate = "\\".join([*modalities, modality])
-        if len(candidate) <= 64:
-            study.modalities = candidate
-    study.save()
-    return study
+    stamp = connection.ops.adapt_datetimefield_value(now)
+    columns = ["study_instance_uid", *values, "modalities", "first_received_at",
+               "last_received_at", "study_routed_at"]
+    params = [study_uid, *values.values(), modality if len(modality) <= 64 else "",
+              stamp, stamp, None]
+    updates = [f"{qn('last_received_at')} = EXCLUDED.{qn('last_received_at')}",
+               # A study that grows after it was routed as a whole is routed again once quiet.
+               f"{qn('study_routed_at')} = NULL"]
+    updates += [
+        f"{qn(field)} = CASE WHEN EXCLUDED.{qn(field)} = '' THEN {table}.{qn(field)} "
+        f"ELSE EXCLUDED.{qn(field)} END"
+        for field in values
+    ]
+    sql = (
+        f"INSERT INTO {table} ({', '.join(qn(c) for c in columns)}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))}) "
+        f"ON CONFLICT ({qn('study_instance_uid')}) DO UPDATE SET {', '.join(updates)} "
+        f"RETURNING {qn('id')}, {qn('modalities')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        study_id, modalities_text = cursor.fetchone()
+        # The row is locked by this transaction now: merging the modality is race-free.
+        modalities = [m for m in (modalities_text or "").split("\\") if m]
+        if modality and modality not in modalities:
+            candidate = "\\".join([*modalities, modality])
+            if len(candidate) <= 64:
+                cursor.execute(
+                    f"UPDATE {table} SET {qn('modalities')} = %s WHERE {qn('id')} = %s",
+                    [candidate, study_id],
+                )
+    return study_id
 
 
 def _text(ds: Dataset, keyword: str) -> str:

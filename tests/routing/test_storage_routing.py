@@ -44,7 +44,7 @@ def test_an_instance_whose_routing_failed_is_stored_and_routed_by_the_sweep(
 ):
     make_rule("CT to pacs1", CT_FROM_CT1, [make_node("pacs1")])
 
-    def broken(instance_id):
+    def broken(instance_id, **kwargs):
         raise RuntimeError("rules unavailable")
 
     monkeypatch.setattr("routing.dicom_handlers.route_instance", broken)
