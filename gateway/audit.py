@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import json
 from collections.abc import Iterator
+from datetime import UTC
 from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
 
 _actor: contextvars.ContextVar[str] = contextvars.ContextVar("gateway_actor", default="system")
 
@@ -25,18 +31,118 @@ def acting_as(actor: str) -> Iterator[None]:
         _actor.reset(token)
 
 
-def record(action: str, obj: Any = None, detail: dict | None = None, actor: str | None = None):
-    """Append one audit event (inside the caller's transaction, so it commits with the change)."""
+# --- the chained, append-only trail -----------------------------------------------------
+#
+# Each event carries ``hash = sha256(previous event's hash + the event's canonical form)``,
+# in id order. Appending takes a lock that the transaction holds until it commits (on
+# PostgreSQL a transaction-level advisory lock; SQLite's IMMEDIATE transactions already
+# serialise writers), so the previous hash read under it is the last committed one and ids
+# are handed out in chain order. A changed, removed or reordered row breaks the chain at
+# that row; `manage.py verify_audit` finds the first break. On PostgreSQL a trigger refuses
+# UPDATE and DELETE on the table.
+
+GENESIS = "0" * 64
+_LOCK_KEY = 0x41554454  # "AUDT": the advisory lock every appender takes
+
+
+def canonical(event: dict) -> bytes:
+    """The bytes an event's hash covers (everything but its id and hash)."""
+    at = event["at"].astimezone(UTC).isoformat(timespec="microseconds")
+    fields = [at, event["actor"], event["action"], event["object_type"], event["object_id"],
+              event["object_repr"], event["detail"]]
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str).encode()
+
+
+def chain_hash(previous: str, event: dict) -> str:
+    return hashlib.sha256(previous.encode() + canonical(event)).hexdigest()
+
+
+def _normalised(detail: dict | None) -> dict:
+    # Stored as JSON and read back as JSON: hash what will be read back (tuples become
+    # lists, dates strings).
+    return json.loads(json.dumps(detail or {}, default=str))
+
+
+def append(events: list[dict]) -> None:
+    """Append events (dicts with actor, action, object_type, object_id, object_repr, detail;
+    ``at`` defaults to now) to the trail, inside the caller's transaction."""
+    if not events:
+        return
+    from . import sql
     from .models import AuditEvent
 
-    return AuditEvent.objects.create(
-        actor=actor or current_actor(),
-        action=action,
-        object_type=obj._meta.label if obj is not None else "",
-        object_id=str(obj.pk) if obj is not None else "",
-        object_repr=str(obj)[:200] if obj is not None else "",
-        detail=detail or {},
-    )
+    now = timezone.now()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
+            cursor.execute(f"SELECT hash FROM {AuditEvent._meta.db_table} "
+                           "ORDER BY id DESC LIMIT 1")
+            row = cursor.fetchone()
+        previous = row[0] if row else GENESIS
+        rows = []
+        for event in events:
+            row = {"at": now, "object_type": "", "object_id": "", "object_repr": "", **event}
+            row["detail"] = _normalised(row.get("detail"))
+            row["object_repr"] = row["object_repr"][:200]
+            previous = row["hash"] = chain_hash(previous, row)
+            rows.append(row)
+        sql.insert(AuditEvent, rows)
+
+
+def record(action: str, obj: Any = None, detail: dict | None = None,
+           actor: str | None = None) -> None:
+    """Append one audit event (inside the caller's transaction, so it commits with the
+    change)."""
+    append([{
+        "actor": actor or current_actor(),
+        "action": action,
+        "object_type": obj._meta.label if obj is not None else "",
+        "object_id": str(obj.pk) if obj is not None else "",
+        "object_repr": str(obj)[:200] if obj is not None else "",
+        "detail": detail or {},
+    }])
+
+
+def snapshot(obj: Any, fields: list[str]) -> dict:
+    """The values of ``fields`` of ``obj`` as the audit trail shows them (many-to-many as
+    sorted lists of names)."""
+    values = {}
+    for name in fields:
+        value = getattr(obj, name)
+        if hasattr(value, "all"):
+            value = sorted(str(getattr(item, "name", item)) for item in value.all())
+        values[name] = value
+    return _normalised(values)
+
+
+def record_change(action: str, obj: Any, before: dict | None, after: dict | None,
+                  **detail) -> None:
+    """A configuration change with the values before and after (only the fields that
+    changed, unless the object was created or deleted)."""
+    if before is not None and after is not None:
+        changed = sorted(k for k in after if before.get(k) != after.get(k))
+        before = {k: before.get(k) for k in changed}
+        after = {k: after[k] for k in changed}
+    record(action, obj, {"before": before, "after": after, **detail})
+
+
+def verify() -> tuple[int, dict | None]:
+    """Walk the trail in id order. Returns (events checked, None) when every hash follows from
+    the one before, else (events checked, the first event whose hash does not)."""
+    from .models import AuditEvent
+
+    previous, count, previous_id = GENESIS, 0, None
+    columns = ("id", "at", "actor", "action", "object_type", "object_id", "object_repr",
+               "detail", "hash")
+    for values in AuditEvent.objects.order_by("id").values(*columns).iterator(chunk_size=5000):
+        count += 1
+        expected = chain_hash(previous, values)
+        if values["hash"] != expected:
+            return count, {**values, "previous_id": previous_id, "expected": expected}
+        previous, previous_id = values["hash"], values["id"]
+    return count, None
 
 
 class ActorMiddleware:

@@ -1,23 +1,29 @@
 """Cross-cutting records: the audit trail."""
 
 from django.db import models
+from django.utils import timezone
 
 
 class AuditEvent(models.Model):
     """One thing that happened, with who did it. Append-only: nothing in the app edits or
-    deletes these rows."""
+    deletes these rows (on PostgreSQL a trigger refuses it), and each row's ``hash`` chains it
+    to the row before (see :mod:`gateway.audit`). Write through ``audit.record``/``append``."""
 
-    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    at = models.DateTimeField(default=timezone.now, db_index=True)
     actor = models.CharField(max_length=200, db_index=True)
     action = models.CharField(max_length=64, db_index=True)
     object_type = models.CharField(max_length=100, blank=True)
     object_id = models.CharField(max_length=64, blank=True)
     object_repr = models.CharField(max_length=200, blank=True)
     detail = models.JSONField(default=dict, blank=True)
+    hash = models.CharField(max_length=64, default="", editable=False)
 
     class Meta:
         ordering = ["-id"]
-        indexes = [models.Index(fields=["object_type", "object_id"])]
+        indexes = [
+            models.Index(fields=["object_type", "object_id"]),
+            models.Index(fields=["action", "at"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.object_repr}"

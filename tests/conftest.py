@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures_mwl",
     "tests.fixtures_storage",
     "tests.fixtures_pacs",
+    "tests.fixtures_ui",
 ]

@@ -48,8 +48,10 @@ class TestNewOrder:
 
     def test_it_records_the_hl7_sender_as_the_actor(self, hl7):
         hl7(orm())
-        event = AuditEvent.objects.get()
-        assert (event.actor, event.action) == ("hl7:RIS", "hl7.order.created")
+        received, created = AuditEvent.objects.order_by("id")
+        assert (received.actor, received.action) == ("hl7:RIS", "hl7.message.received")
+        assert received.detail["status"] == "ACCEPTED" and received.detail["type"] == "ORM^O01"
+        assert (created.actor, created.action) == ("hl7:RIS", "hl7.order.created")
 
     def test_it_updates_an_order_resent_with_nw_instead_of_duplicating_it(self, hl7):
         hl7(orm(control_id="A1"))

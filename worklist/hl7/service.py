@@ -20,8 +20,9 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 from pydicom.uid import generate_uid
 
+from gateway import audit as audit_trail
+from gateway import sql
 from gateway.audit import acting_as, current_actor
-from gateway.models import AuditEvent
 
 from ..models import (
     HL7Message,
@@ -34,7 +35,7 @@ from ..models import (
     Station,
     StepStatus,
 )
-from . import mapping, sql
+from . import mapping
 from .ack import ACCEPT, ERROR, REJECT, build_ack
 from .parse import (
     APPLICATION_INTERNAL_ERROR,
@@ -95,7 +96,10 @@ def _handle(raw: bytes, peer: str) -> bytes:
             (pk,) = sql.insert(HL7Message, [{"status": MessageStatus.ACCEPTED, "ack": ack,
                                              **fields}])
             record = HL7Message(pk=pk, control_id=fields["control_id"])
-            handler(msg, record)
+            audit = _Audit(record)
+            audit.received(header, MessageStatus.ACCEPTED)
+            handler(msg, record, audit)
+            audit.save()
         return ack
     except HL7Error as exc:
         return _refuse(raw, peer, header, exc, patient_id)
@@ -197,14 +201,16 @@ def _refuse(raw: bytes, peer: str, header: Header | None, error: HL7Error,
     code = REJECT if error.reject else ERROR
     ack = build_ack(header, code, error)
     try:
-        with transaction.atomic():
-            HL7Message.objects.create(
-                status=MessageStatus.REJECTED if error.reject else MessageStatus.ERROR,
-                error_code=error.code,
-                error_text=error.text,
-                ack=ack,
+        status = MessageStatus.REJECTED if error.reject else MessageStatus.ERROR
+        actor = f"hl7:{header.sending_application}" if header else f"hl7:{peer}"
+        with acting_as(actor), transaction.atomic():
+            record = HL7Message.objects.create(
+                status=status, error_code=error.code, error_text=error.text, ack=ack,
                 **_record_fields(header, raw, peer, patient_id),
             )
+            audit = _Audit(record)
+            audit.received(header, status, error.code)
+            audit.save()
     except Exception as exc:  # the answer stays AE/AR even when it cannot be stored
         log.error("could not store refused message from %s: %s", peer, exc)
     # The text stays out of the log: it can quote identifiers and names (it is in the ACK and
@@ -235,9 +241,12 @@ def _accepted_before(header: Header) -> bool:
 def _store_duplicate(raw: bytes, peer: str, header: Header, patient_id: str,
                      ack: bytes) -> bytes:
     try:
-        with transaction.atomic():
-            HL7Message.objects.create(status=MessageStatus.DUPLICATE, ack=ack,
-                                      **_record_fields(header, raw, peer, patient_id))
+        with acting_as(f"hl7:{header.sending_application}"), transaction.atomic():
+            record = HL7Message.objects.create(status=MessageStatus.DUPLICATE, ack=ack,
+                                               **_record_fields(header, raw, peer, patient_id))
+            audit = _Audit(record)
+            audit.received(header, MessageStatus.DUPLICATE)
+            audit.save()
     except DatabaseError as exc:
         # The first copy is committed, so AA is still the truth for the sender.
         log.error("could not store duplicate %s from %s: %s", header.control_id, peer, exc)
@@ -351,11 +360,24 @@ def save_patient(info: mapping.PatientInfo) -> int:
 
 
 class _Audit:
-    """Audit events of one message, written in one statement at the end."""
+    """Audit events of one message, appended to the trail in one statement at the end."""
 
     def __init__(self, record: HL7Message):
         self.record = record
-        self.events: list[AuditEvent] = []
+        self.events: list[dict] = []
+
+    def received(self, header: Header | None, status: str, error_code: str = "") -> None:
+        """The message itself: who sent what, and what the gateway answered."""
+        kind = f"{header.message_type}^{header.trigger_event}".strip("^") if header else ""
+        self.events.append({
+            "actor": current_actor(), "action": "hl7.message.received",
+            "object_type": HL7Message._meta.label, "object_id": str(self.record.pk),
+            "object_repr": f"{kind or '?'} {header.control_id if header else ''}"[:200],
+            "detail": {"status": status, "type": kind, "error_code": error_code,
+                       "control_id": header.control_id if header else "",
+                       "sending_application": header.sending_application if header else "",
+                       "sending_facility": header.sending_facility if header else ""},
+        })
 
     def add(self, action: str, obj, **detail) -> None:
         self.events.append({
@@ -366,10 +388,10 @@ class _Audit:
         })
 
     def save(self) -> None:
-        sql.insert(AuditEvent, self.events)
+        audit_trail.append(self.events)
 
 
-def apply_order(msg: Message, record: HL7Message) -> None:
+def apply_order(msg: Message, record: HL7Message, audit: _Audit) -> None:
     """ORM^O01 / OMI^O23 (RAD-4, RAD-13): create, update, cancel, discontinue or change the
     status of each requested procedure in the message."""
     patient = mapping.patient_info(msg, msg.first("PID"))
@@ -381,7 +403,6 @@ def apply_order(msg: Message, record: HL7Message) -> None:
     sender = {"sending_application": header.sending_application[:180],
               "sending_facility": header.sending_facility[:180]}
     candidates = _candidate_orders(sender, procedures)
-    audit = _Audit(record)
     order_numbers = [(p.placer, p.filler) for p in procedures]
     for proc, step_status in zip(procedures, statuses, strict=True):
         several = order_numbers.count((proc.placer, proc.filler)) > 1
@@ -408,7 +429,6 @@ def apply_order(msg: Message, record: HL7Message) -> None:
                 _change_status(order, proc, step_status, record)
                 audit.add("hl7.order.status", order, order_control=proc.order_control,
                           order_status=proc.order_status, step_status=step_status)
-    audit.save()
 
 
 def _describe(proc: mapping.ProcedureInfo) -> str:
@@ -593,7 +613,7 @@ def _change_status(order: ImagingOrder, proc: mapping.ProcedureInfo, step_status
     order.save(update_fields=["status", "last_message", "updated_at"])
 
 
-def apply_patient_update(msg: Message, record: HL7Message) -> None:
+def apply_patient_update(msg: Message, record: HL7Message, audit: _Audit) -> None:
     """ADT^A08 / A31 (RAD-12): update a known patient's demographics, and the visit values
     (PV1) of their open orders for the same visit. An unknown patient is not created: the
     gateway keeps only patients that have orders."""
@@ -604,7 +624,6 @@ def apply_patient_update(msg: Message, record: HL7Message) -> None:
     except Patient.DoesNotExist:
         return
     save_patient(info)
-    audit = _Audit(record)
     audit.add("hl7.patient.updated", patient, fields=sorted(info.values))
     visit = mapping.visit_values(msg)
     admission = visit.get("admission_id")
@@ -612,13 +631,11 @@ def apply_patient_update(msg: Message, record: HL7Message) -> None:
         ImagingOrder.objects.filter(patient=patient, status=OrderStatus.OPEN,
                                     admission_id=admission).update(
             last_message=record, updated_at=timezone.now(), **visit)
-    audit.save()
 
 
-def apply_merge(msg: Message, record: HL7Message) -> None:
+def apply_merge(msg: Message, record: HL7Message, audit: _Audit) -> None:
     """ADT^A40 (RAD-12 merge): the prior patient's (MRG-1) open orders move to the surviving
     patient (PID-3); the prior patient is marked merged into the survivor."""
-    audit = _Audit(record)
     for info, prior_id, prior_issuer in mapping.merge_pairs(msg):
         surviving_pk = save_patient(info)
         prior = (Patient.objects.select_for_update()
@@ -634,10 +651,9 @@ def apply_merge(msg: Message, record: HL7Message) -> None:
         prior.merged_into_id = surviving_pk
         prior.save(update_fields=["merged_into", "updated_at"])
         audit.add("hl7.patient.merged", prior, into=surviving_pk, orders_moved=moved)
-    audit.save()
 
 
-HANDLERS: dict[tuple[str, str], Callable[[Message, HL7Message], None]] = {
+HANDLERS: dict[tuple[str, str], Callable[[Message, HL7Message, _Audit], None]] = {
     ("ORM", "O01"): apply_order,
     ("OMI", "O23"): apply_order,
     ("ADT", "A08"): apply_patient_update,

@@ -1,0 +1,148 @@
+"""What every page of the administrator's UI shares: roles, the access check, paging.
+
+Roles are Django groups (created by a migration):
+
+* **Administrators** change everything (superusers count as administrators);
+* **Operators** see everything and act on work (retry, reprocess, cancel a step), but change no
+  configuration;
+* **Auditors** see everything, the audit trail included, and change nothing.
+
+A signed-in user in none of these groups sees nothing but a page saying so.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from urllib.parse import urlencode
+
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest
+from django.shortcuts import render
+
+ADMINISTRATORS = "Administrators"
+OPERATORS = "Operators"
+AUDITORS = "Auditors"
+ROLES = (ADMINISTRATORS, OPERATORS, AUDITORS)
+
+# What each level of access lets a user do, by role.
+VIEW = frozenset(ROLES)
+OPERATE = frozenset({ADMINISTRATORS, OPERATORS})
+CONFIGURE = frozenset({ADMINISTRATORS})
+
+_LEVEL_NAMES = {VIEW: "view", OPERATE: "operate", CONFIGURE: "configure"}
+
+
+def roles_of(user) -> frozenset[str]:
+    """The roles of ``user`` (cached on the user object for the request)."""
+    if not user.is_authenticated or not user.is_active:
+        return frozenset()
+    cached = getattr(user, "_gateway_roles", None)
+    if cached is None:
+        if user.is_superuser:
+            cached = frozenset({ADMINISTRATORS})
+        else:
+            cached = frozenset(user.groups.filter(name__in=ROLES).values_list("name", flat=True))
+        user._gateway_roles = cached
+    return cached
+
+
+def can(user, level: frozenset[str]) -> bool:
+    """True when one of the user's roles grants ``level`` (VIEW, OPERATE or CONFIGURE)."""
+    return bool(roles_of(user) & level)
+
+
+def role_required(level: frozenset[str]) -> Callable:
+    """View decorator: sign-in first, then a role that grants ``level``; otherwise 403 with a
+    page that says what is missing."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        def wrapped(request: HttpRequest, *args, **kwargs):
+            if not request.user.is_authenticated:
+                return redirect_to_login(request.get_full_path())
+            if not can(request.user, level):
+                raise PermissionDenied(_refusal(request.user, level))
+            return view(request, *args, **kwargs)
+
+        wrapped.required_level = level
+        return wrapped
+
+    return decorator
+
+
+def _refusal(user, level: frozenset[str]) -> str:
+    roles = ", ".join(sorted(roles_of(user))) or "no role"
+    needed = " or ".join(sorted(level))
+    return f"This needs the {needed} role; {user.get_username()} has {roles}."
+
+
+def permission_denied(request: HttpRequest, exception=None):
+    """The 403 page: says who is signed in and which role the action needs."""
+    message = str(exception) if exception and str(exception) else "You may not do this."
+    return render(request, "403.html", {"message": message}, status=403)
+
+
+def access(request: HttpRequest) -> dict:
+    """Template context: ``can.view``, ``can.operate``, ``can.configure`` and ``roles``."""
+    user = getattr(request, "user", None)
+    if user is None:
+        return {}
+    roles = roles_of(user)
+    return {
+        "can": {name: bool(roles & level) for level, name in _LEVEL_NAMES.items()},
+        "roles": sorted(roles),
+    }
+
+
+class Pager:
+    """One page of a queryset without counting the whole table: it fetches one row more than
+    it shows to know whether a next page exists, so a page costs the same with 100 rows or
+    10 million behind it. ``?page=N`` (1-based); other query parameters are kept in links."""
+
+    def __init__(self, request: HttpRequest, queryset, per_page: int = 50):
+        try:
+            self.number = max(1, int(request.GET.get("page", "1")))
+        except ValueError:
+            self.number = 1
+        self.per_page = per_page
+        start = (self.number - 1) * per_page
+        rows = list(queryset[start : start + per_page + 1])
+        self.has_next = len(rows) > per_page
+        self.items = rows[:per_page]
+        self.has_previous = self.number > 1
+        self.first_index = start + 1 if self.items else 0
+        self.last_index = start + len(self.items)
+        self._params = request.GET.copy()
+
+    def _url(self, number: int) -> str:
+        params = self._params.copy()
+        params["page"] = str(number)
+        return "?" + params.urlencode()
+
+    @property
+    def next_url(self) -> str:
+        return self._url(self.number + 1)
+
+    @property
+    def previous_url(self) -> str:
+        return self._url(self.number - 1)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def query_string(**params) -> str:
+    """``?a=1&b=2`` for links into filtered lists (empty values left out)."""
+    kept = {key: value for key, value in params.items() if value not in (None, "")}
+    return "?" + urlencode(kept) if kept else ""
+
+
+def client_ip(request: HttpRequest) -> str:
+    """The peer address (REMOTE_ADDR; behind a proxy, the proxy sets it via gunicorn's
+    forwarded-allow-ips)."""
+    return request.META.get("REMOTE_ADDR", "")
