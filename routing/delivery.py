@@ -157,22 +157,28 @@ def renew_lease(holder: str, now: datetime | None = None) -> None:
 # --- Outcomes ------------------------------------------------------------------------------
 
 
-def record_delivered(delivery_ids: list[int], holder: str, now: datetime | None = None) -> int:
+def record_delivered(delivery_ids: list[int], holder: str, now: datetime | None = None,
+                     node: Node | None = None) -> int:
     """The PACS has these instances. Also accepted for rows the sweep took back meanwhile (the
     instance did arrive); never touches a row another holder has claimed since. Returns how
-    many rows changed."""
+    many rows changed. One audit event covers the group (``node`` names where it went)."""
     now = now or timezone.now()
     mine = Q(status=DeliveryStatus.SENDING, claimed_by=holder)
     taken_back = Q(status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED])
-    return Delivery.objects.filter(mine | taken_back, pk__in=delivery_ids).update(
-        status=DeliveryStatus.DELIVERED,
-        delivered_at=now,
-        last_error="",
-        updated_at=now,
-        claimed_at=None,
-        claimed_by="",
-        attempts=F("attempts") + 1,
-    )
+    with transaction.atomic():
+        changed = Delivery.objects.filter(mine | taken_back, pk__in=delivery_ids).update(
+            status=DeliveryStatus.DELIVERED,
+            delivered_at=now,
+            last_error="",
+            updated_at=now,
+            claimed_at=None,
+            claimed_by="",
+            attempts=F("attempts") + 1,
+        )
+        if changed:
+            audit.record("delivery.delivered", node,
+                         {"count": changed, "deliveries": sorted(delivery_ids)})
+    return changed
 
 
 def record_failure(delivery_id: int, holder: str, error: str, now: datetime | None = None) -> str:
@@ -201,9 +207,13 @@ def record_failure(delivery_id: int, holder: str, error: str, now: datetime | No
             claimed_by="",
             updated_at=now,
         )
-        if status == DeliveryStatus.DEAD:
+        if status == DeliveryStatus.DEAD or attempts == 1:
+            # The first failure and the giving up are audited; the retries in between are on
+            # the row (attempts, last error, next attempt).
             delivery.status, delivery.attempts = status, attempts
-            audit.record("delivery.dead", delivery, {"attempts": attempts, "last_error": error})
+            action = "delivery.dead" if status == DeliveryStatus.DEAD else "delivery.failed"
+            audit.record(action, delivery, {"attempts": attempts, "last_error": error,
+                                            "node": delivery.node_id})
         return status
 
 
@@ -308,7 +318,7 @@ def deliver_to_node(node_id: int) -> DeliveryRun:
         with assoc:
             batch = []
             while sendable:
-                following = _send_batch(assoc, sendable, node_id, run)
+                following = _send_batch(assoc, sendable, node, run)
                 if following is None:  # association lost; the rest were given back
                     return run
                 following = supersede(following, run.holder)
@@ -336,7 +346,7 @@ def _failed(run: DeliveryRun, c: Claimed, error: str) -> None:
 
 
 def _send_batch(
-    assoc: scu.StoreAssociation, batch: list[Claimed], node_id: int, run: DeliveryRun
+    assoc: scu.StoreAssociation, batch: list[Claimed], node: Node, run: DeliveryRun
 ) -> list[Claimed] | None:
     """Send one claimed batch; return the next batch, claimed while this holder still holds
     rows of this one, so its slot is never free while work is queued; None if the association
@@ -349,7 +359,7 @@ def _send_batch(
     def record_stored() -> None:
         nonlocal stored, recorded_at, renewed_at
         if stored:
-            run.delivered += record_delivered(stored, run.holder)
+            run.delivered += record_delivered(stored, run.holder, node=node)
             stored = []
         recorded_at = time.monotonic()
         if recorded_at - renewed_at > settings.DELIVERY_LEASE_SECONDS / 3:
@@ -379,7 +389,7 @@ def _send_batch(
                 len(stored) >= OUTCOME_GROUP or time.monotonic() - recorded_at > OUTCOME_SECONDS
             ):
                 record_stored()
-        return claim(node_id, run.holder)
+        return claim(node.pk, run.holder)
     finally:
         record_stored()
 

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from pydicom.dataset import Dataset
@@ -53,6 +53,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import register_uid, uid_to_service_class
 
+from gateway import audit
 from gateway.audit import acting_as
 
 from .models import AssociationResult, DicomAssociation
@@ -216,10 +217,13 @@ def record_rejected(event, log: AssociationLog) -> None:
         return
     calling, called, address = _peer(event)
     try:
-        DicomAssociation.objects.create(
-            calling_ae=calling, called_ae=called, peer=f"{address}:{event.assoc.requestor.port}",
-            result=AssociationResult.REJECTED, ended_at=timezone.now(),
-        )
+        with transaction.atomic():
+            row = DicomAssociation.objects.create(
+                calling_ae=calling, called_ae=called,
+                peer=f"{address}:{event.assoc.requestor.port}",
+                result=AssociationResult.REJECTED, ended_at=timezone.now(),
+            )
+            _audit_association(row)
     except Exception:
         logger.exception("could not record the rejected association from %s", calling)
 
@@ -238,12 +242,24 @@ def _finish(event, log: AssociationLog, result: str, error_text: str = "",
     if not fallback:
         unfinished |= Q(error_text=CLOSED_WITHOUT_RELEASE)
     try:
-        DicomAssociation.objects.filter(unfinished, pk=entry.row_id).update(
-            result=result, ended_at=timezone.now(), instances=entry.instances,
-            failures=entry.failures, error_text=error_text,
-        )
+        with transaction.atomic():
+            changed = DicomAssociation.objects.filter(unfinished, pk=entry.row_id).update(
+                result=result, ended_at=timezone.now(), instances=entry.instances,
+                failures=entry.failures, error_text=error_text,
+            )
+            if changed:
+                _audit_association(DicomAssociation.objects.get(pk=entry.row_id))
     except Exception:
         logger.exception("could not record the end of association %s", entry.row_id)
+
+
+def _audit_association(row: DicomAssociation) -> None:
+    # If the connection's close beat the release, a second event corrects the first.
+    audit.record("dicom.association", row, {
+        "calling_ae": row.calling_ae, "called_ae": row.called_ae, "peer": row.peer,
+        "result": row.result, "instances": row.instances, "failures": row.failures,
+        "error": row.error_text,
+    }, actor=f"dicom:{row.calling_ae}")
 
 
 @_with_db

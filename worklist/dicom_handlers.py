@@ -13,9 +13,11 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
+
+from gateway import audit
 
 from .models import WorklistQuery
 from .mwl import InvalidIdentifier, UnreadableIdentifier, WorklistOptions, find_worklist
@@ -122,7 +124,13 @@ def handle_find(
         try:
             if answers is not None:
                 answers.close()  # its server-side cursor, before the connection goes
-            record.save()
+            with transaction.atomic():
+                record.save()
+                audit.record("dicom.worklist.query", record, {
+                    "calling_ae": record.calling_ae, "peer": record.peer,
+                    "answers": record.answers, "status": record.status,
+                    "error": record.error_text,
+                }, actor=f"dicom:{record.calling_ae}")
         except Exception:
             logger.exception("could not record the MWL query by %s", record.calling_ae)
         finally:

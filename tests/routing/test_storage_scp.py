@@ -20,6 +20,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from gateway.models import AuditEvent
 from routing.models import (
     AssociationResult,
     DicomAssociation,
@@ -145,6 +146,9 @@ def test_it_records_each_storage_association(storage_server, tmp_path):
     assert assoc.peer.startswith("127.0.0.1:")
     assert assoc.ended_at is not None
     assert set(ReceivedInstance.objects.values_list("association_id", flat=True)) == {assoc.pk}
+    event = AuditEvent.objects.filter(action="dicom.association").first()  # newest
+    assert (event.actor, event.object_id) == ("dicom:MR3", str(assoc.pk))
+    assert event.detail["result"] == "RELEASED" and event.detail["instances"] == 2
 
 
 def test_it_records_an_aborted_association_with_what_it_stored(storage_server, tmp_path):

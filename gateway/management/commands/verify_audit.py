@@ -1,0 +1,26 @@
+"""Check the audit trail's hash chain: every event's hash must follow from the one before.
+Exit status 0 when it is intact, 1 with the first broken link otherwise."""
+
+from django.core.management.base import BaseCommand, CommandError
+
+from gateway import audit
+
+
+class Command(BaseCommand):
+    help = "Verify the audit trail's hash chain and report the first broken link."
+
+    def handle(self, *args, **options):
+        count, broken = audit.verify()
+        if broken is None:
+            self.stdout.write(f"Audit trail intact: {count} events, every hash follows from "
+                              "the one before.")
+            return
+        after = (f"event {broken['previous_id']}" if broken["previous_id"] is not None
+                 else "the start of the trail")
+        raise CommandError(
+            f"Audit trail broken at event {broken['id']} ({broken['at']:%Y-%m-%d %H:%M:%S} "
+            f"{broken['action']} by {broken['actor']}): its hash does not follow from {after}. "
+            f"Stored {broken['hash'] or '(none)'}, expected {broken['expected']}. "
+            f"{count - 1} events before it are intact; the row was changed, or a row before "
+            "it was removed."
+        )
