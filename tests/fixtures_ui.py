@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 from django.contrib.auth.models import Group, User
 from django.test import Client
 
 from gateway.web import ADMINISTRATORS, AUDITORS, OPERATORS
+from tests.servers import ROOT, free_port, process_env
 
 # Every role, plus a signed-in user with no role and an anonymous visitor.
 ROLE_NAMES = ("admin", "operator", "auditor", "norole", "anonymous")
@@ -42,3 +54,127 @@ def client_as(role_users):
         return client
 
     return make
+
+
+# --- The running product and a real browser -----------------------------------------------
+
+# Debian's Chromium; Playwright cannot download its own browser here.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run"]
+OUTPUT_DIR = Path(os.environ.get("TEST_OUTPUT_DIR", ROOT / "test-output"))
+
+
+@dataclass
+class LiveGateway:
+    """``rungateway`` as a user meets it: web UI, HL7 listener, DICOM AE, Celery worker and
+    beat, on the test database and the tests' own Redis."""
+
+    proc: subprocess.Popen
+    log: Path
+    http_port: int
+    hl7_port: int
+    dicom_port: int
+    ae_title: str = "GATEWAY"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def live_gateway(transactional_db, celery_broker, tmp_path) -> Iterator[LiveGateway]:
+    from django.db import connection
+
+    from tests.fixtures_pacs import WORKER_ENV
+
+    assert connection.vendor == "postgresql", "the live gateway needs DATABASE_URL=postgres://"
+    ports = {"HTTP_PORT": free_port(), "HL7_PORT": free_port(), "DICOM_PORT": free_port()}
+    env = process_env(
+        connection.settings_dict["NAME"],
+        REDIS_URL=celery_broker.url,
+        GATEWAY_DATA_DIR=str(tmp_path / "var"),
+        HL7_HOST="127.0.0.1",
+        DICOM_HOST="127.0.0.1",
+        WEB_CONCURRENCY="2",
+        CELERY_CONCURRENCY="2",
+        GATEWAY_MIN_FREE_MB="0",
+        **{k: str(v) for k, v in ports.items()},
+        **WORKER_ENV,
+    )
+    log = tmp_path / "rungateway.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "rungateway", "--http-host", "127.0.0.1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    gateway = LiveGateway(proc, log, ports["HTTP_PORT"], ports["HL7_PORT"], ports["DICOM_PORT"])
+    try:
+        deadline = time.monotonic() + 90
+        for port in ports.values():
+            while True:
+                assert proc.poll() is None, f"rungateway exited:\n{gateway.output()[-3000:]}"
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, (
+                        f"nothing on {port}:\n{gateway.output()[-3000:]}")
+                    time.sleep(0.2)
+        yield gateway
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Debian Chromium driven by Playwright, one per test session."""
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop on this thread; the test's own ORM calls are
+    # still synchronous, so Django's async-safety guard would refuse them.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+class Screens:
+    """Saves numbered screenshots of a test's pages under TEST_OUTPUT_DIR/screenshots/."""
+
+    def __init__(self, name: str):
+        self.directory = OUTPUT_DIR / "screenshots" / name
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True)
+        self.count = 0
+
+    def shot(self, page, label: str) -> Path:
+        self.count += 1
+        path = self.directory / f"{self.count:02d}-{label}.png"
+        page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def browser_page(chromium, request):
+    """A fresh browser context at 1280x800 and its page, plus ``page.screens`` for
+    screenshots; the context's console errors are collected in ``page.console_errors``."""
+    context = chromium.new_context(viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.screens = Screens(request.node.name)
+    yield page
+    context.close()
