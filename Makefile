@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: install run test lint bench-worklist bench-routing clean
+.PHONY: install run test lint bench-worklist bench-routing bench-ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench-worklist: install
 bench-routing: install
 	scripts/ensure-test-services.sh
 	DATABASE_URL=$(TEST_DATABASE_URL) TCP_NODELAY=1 $(BIN)/python bench/routing.py
+
+# Its own database (bench_ui on the same server), seeded once and kept for the next run.
+bench-ui: install
+	scripts/ensure-test-services.sh
+	DATABASE_URL=$(TEST_DATABASE_URL) TCP_NODELAY=1 $(BIN)/python bench/ui.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var

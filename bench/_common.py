@@ -65,15 +65,15 @@ def _admin_connect(url: str):
     )
 
 
-def recreate_database(url: str) -> None:
-    """Drop and create the benchmark database, then migrate it with the gateway's own command."""
+def _database_name(url: str) -> str:
     name = urlsplit(url).path.lstrip("/")
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
         sys.exit(f"refusing odd database name {name!r}")
-    with _admin_connect(url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    log(f"created database {name}; migrating")
+    return name
+
+
+def migrate_database(url: str) -> None:
+    """Bring the benchmark database's schema up to date with the gateway's own command."""
     subprocess.run(
         [PYTHON, MANAGE, "migrate", "--noinput", "-v", "0"],
         cwd=ROOT,
@@ -82,8 +82,31 @@ def recreate_database(url: str) -> None:
     )
 
 
+def recreate_database(url: str) -> None:
+    """Drop and create the benchmark database, then migrate it with the gateway's own command."""
+    name = _database_name(url)
+    with _admin_connect(url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    log(f"created database {name}; migrating")
+    migrate_database(url)
+
+
+def ensure_database(url: str) -> bool:
+    """Create the benchmark database if it is missing, then migrate it. For data that is slow
+    to make and kept between runs; True when the database was created just now."""
+    name = _database_name(url)
+    with _admin_connect(url) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    log(f"{'created' if not exists else 'found'} database {name}; migrating")
+    migrate_database(url)
+    return not exists
+
+
 def drop_database(url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
+    name = _database_name(url)
     with _admin_connect(url) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -371,3 +394,27 @@ def _fmt(value: float | None, unit: str) -> str:
     else:
         text = f"{value:.2f}"
     return f"{text} {unit}".strip()
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table with padded columns, readable as plain text too."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(widths[i]) for i, c in enumerate(cells)) + " |"
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process and its living descendants (e.g. a
+    gunicorn master and its workers)."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from datetime import datetime, time
 from urllib.parse import urlencode
 
+from django import forms
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest
 from django.shortcuts import render
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
 
 ADMINISTRATORS = "Administrators"
 OPERATORS = "Operators"
@@ -108,7 +112,15 @@ class Pager:
             self.number = 1
         self.per_page = per_page
         start = (self.number - 1) * per_page
-        rows = list(queryset[start : start + per_page + 1])
+        if start:
+            # A deep page finds its keys first (an index-only walk past the skipped rows),
+            # then joins only the rows it shows: OFFSET over the joined query would build
+            # every skipped row's joins too.
+            keys = list(queryset.values_list("pk", flat=True)[start : start + per_page + 1])
+            by_key = {row.pk: row for row in queryset.order_by().filter(pk__in=keys)}
+            rows = [by_key[key] for key in keys if key in by_key]
+        else:
+            rows = list(queryset[: per_page + 1])
         self.has_next = len(rows) > per_page
         self.items = rows[:per_page]
         self.has_previous = self.number > 1
@@ -146,3 +158,26 @@ def client_ip(request: HttpRequest) -> str:
     """The peer address (REMOTE_ADDR; behind a proxy, the proxy sets it via gunicorn's
     forwarded-allow-ips)."""
     return request.META.get("REMOTE_ADDR", "")
+
+
+def parse_when(text: str, end: bool = False) -> datetime | None:
+    """A list filter's ``since``/``until``: an ISO date-time (with or without offset) or a date.
+    A bare date means its start (for an upper bound, ``end``, its end); naive values are in the
+    server's time zone. Anything else is a ValidationError that says what to type."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        # A bare date first: parse_datetime would read it as that day's midnight.
+        day = parse_date(text)
+        value = None if day else parse_datetime(text)
+    except ValueError:
+        day = value = None
+    if day is not None:
+        value = datetime.combine(day, time.max if end else time.min)
+    elif value is None:
+        raise forms.ValidationError("Use a date (2026-11-27) or a date and time "
+                                    "(2026-11-27T14:30).")
+    if timezone.is_naive(value):
+        value = timezone.make_aware(value)
+    return value

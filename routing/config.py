@@ -20,15 +20,19 @@ nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import Count, ProtectedError
+from django.utils import timezone
 
 from gateway import audit
 
-from .models import MatchMode, Node, RoutingMode, Rule
+from . import delivery
+from .models import DeliveryStatus, MatchMode, Node, RoutingMode, Rule
 from .rules import validate_rule
 
 NODE_FIELDS = ("ae_title", "host", "port", "enabled", "max_associations")
@@ -226,3 +230,248 @@ def _record(result: ImportResult, obj, kind: str, created: bool, changes: dict) 
         obj,
         {"source": "import_config", "changes": changes},
     )
+
+
+# --- Changes one at a time (the administrator's pages) ----------------------------------
+#
+# The pages check a node or rule with the same validate_node / validate_rule as an import,
+# plus the one thing an import cannot get wrong: a name another object already has. Every
+# change is audited with the values before and after, in the transaction that makes it.
+
+NODE_AUDIT_FIELDS = ["name", *NODE_FIELDS]
+RULE_AUDIT_FIELDS = ["name", *RULE_FIELDS, "destinations"]
+
+
+class NodeInUse(Exception):
+    """A node that cannot be deleted; the message says why and what to do instead."""
+
+
+def node_problems(data: Mapping[str, Any], node: Node | None = None) -> list[str]:
+    """Every problem with a node as a form gives it (name and every field of NODE_FIELDS),
+    each prefixed with its field; ``node`` is the one being edited (None: a new node)."""
+    return validate_node(data) + _name_taken(Node, data.get("name"), node)
+
+
+def _name_taken(model, name: Any, obj) -> list[str]:
+    """The problem of a name another row of ``model`` (not ``obj``) already has."""
+    if not isinstance(name, str) or not name.strip():
+        return []
+    others = model.objects.filter(name=name)
+    if obj is not None and obj.pk:
+        others = others.exclude(pk=obj.pk)
+    if others.exists():
+        return [f"name: a {model._meta.verbose_name} named {name!r} already exists"]
+    return []
+
+
+def save_node(node: Node | None, data: Mapping[str, Any]) -> tuple[Node, bool]:
+    """Create (``node`` None) or update a node from ``data`` (name and NODE_FIELDS), audited
+    as ``routing.node.created`` / ``routing.node.updated`` with the values before and after.
+    Returns (node, changed). Raises :class:`ConfigError` when the data has problems."""
+    problems = node_problems(data, node)
+    if problems:
+        raise ConfigError(problems)
+    with transaction.atomic():
+        if node is None:
+            node = Node(name=data["name"])
+            before = None
+        else:
+            node = Node.objects.select_for_update().get(pk=node.pk)
+            before = audit.snapshot(node, NODE_AUDIT_FIELDS)
+        for name in NODE_AUDIT_FIELDS:
+            if name in data:
+                setattr(node, name, data[name])
+        after = audit.snapshot(node, NODE_AUDIT_FIELDS)
+        if before == after:
+            return node, False
+        _save_named(node, "node")
+        action = "routing.node.created" if before is None else "routing.node.updated"
+        audit.record_change(action, node, before, after)
+    return node, True
+
+
+def _save_named(obj, kind: str) -> None:
+    # The name was free when checked; another administrator may have taken it since.
+    try:
+        with transaction.atomic():
+            obj.save()
+    except IntegrityError:
+        raise ConfigError([f"name: a {kind} named {obj.name!r} already exists"]) from None
+
+
+def set_node_enabled(node_id: int, enabled: bool) -> Node:
+    """Enable or disable a node, audited as ``routing.node.updated``. A disabled node still
+    gets deliveries decided for it; they wait until it is enabled again."""
+    with transaction.atomic():
+        node = Node.objects.select_for_update().get(pk=node_id)
+        if node.enabled != enabled:
+            node.enabled = enabled
+            node.save(update_fields=["enabled", "updated_at"])
+            audit.record_change("routing.node.updated", node, {"enabled": not enabled},
+                                {"enabled": enabled})
+    return node
+
+
+def delete_node(node_id: int) -> tuple[str, list[str]]:
+    """Delete a node that no delivery refers to, taking it out of the rules that send to it
+    (each audited as ``routing.rule.updated``); returns its name and those rules' names.
+
+    Raises :class:`NodeInUse` while deliveries refer to it: open ones still have to go there,
+    and delivered, dead or abandoned ones are the record of what was sent where, which the
+    database keeps (``Delivery.node`` is PROTECT). Disabling the node and taking it out of
+    its rules retires it without losing that record."""
+    with transaction.atomic():
+        node = Node.objects.select_for_update().get(pk=node_id)
+        counts = dict(
+            node.deliveries.order_by().values_list("status").annotate(n=Count("id"))
+        )
+        open_count = sum(counts.get(s, 0) for s in DeliveryStatus.open())
+        if open_count:
+            raise NodeInUse(
+                f"{node.name} cannot be deleted: {_deliveries(open_count)} to it "
+                "still have to be sent (pending, sending or failed). Let them be delivered "
+                "or abandon them on the Deliveries page first. To stop sending to it, take "
+                "it out of its rules and disable it."
+            )
+        if counts:
+            kinds = ", ".join(f"{counts[s]} {s.label.split(' ')[0].lower()}"
+                              for s in DeliveryStatus if s in counts)
+            raise NodeInUse(
+                f"{node.name} cannot be deleted: {_deliveries(sum(counts.values()))} "
+                f"({kinds}) refer to it and are kept as the record of what was sent where. "
+                "To retire it, take it out of its rules and disable it."
+            )
+        rules = list(node.rules.select_for_update().prefetch_related("destinations"))
+        for rule in rules:
+            before = audit.snapshot(rule, ["destinations"])
+            rule.destinations.remove(node)
+            audit.record_change("routing.rule.updated", rule, before,
+                                {"destinations": [n for n in before["destinations"]
+                                                  if n != node.name]},
+                                reason=f"node {node.name} deleted")
+        snapshot = audit.snapshot(node, NODE_AUDIT_FIELDS)
+        audit.record_change("routing.node.deleted", node, snapshot, None)
+        name = node.name
+        try:
+            with transaction.atomic():
+                node.delete()
+        except (ProtectedError, IntegrityError):
+            # A delivery decided for it since the check above (the lock makes this rare).
+            raise NodeInUse(f"{name} cannot be deleted: deliveries to it were just decided."
+                            ) from None
+    return name, [rule.name for rule in rules]
+
+
+def _deliveries(count: int) -> str:
+    return f"{count} {'delivery' if count == 1 else 'deliveries'}"
+
+
+def verify_node(node_id: int) -> tuple[str, int]:
+    """C-ECHO a node now, record the answer on it (last_echo_*) and audit it as
+    ``routing.node.verified``. Returns ("" or the error, milliseconds it took)."""
+    started = time.monotonic()
+    error = delivery.echo_node(node_id)
+    ms = round((time.monotonic() - started) * 1000)
+    with transaction.atomic():
+        node = Node.objects.get(pk=node_id)
+        audit.record("routing.node.verified", node, {"ok": not error, "error": error, "ms": ms})
+    return error, ms
+
+
+def rule_problems(data: Mapping[str, Any], rule: Rule | None = None) -> list[str]:
+    """Every problem with a rule as a form gives it (:func:`routing.rules.validate_rule` with
+    the existing nodes, plus a name another rule already has); ``rule`` is the one being
+    edited (None: a new rule)."""
+    problems = validate_rule(data, Node.objects.values_list("name", flat=True))
+    return problems + _name_taken(Rule, data.get("name"), rule)
+
+
+def save_rule(rule: Rule | None, data: Mapping[str, Any]) -> tuple[Rule, bool]:
+    """Create (``rule`` None) or update a rule from ``data`` as validate_rule takes it
+    (destinations by node name), audited as ``routing.rule.created`` /
+    ``routing.rule.updated`` with the values before and after. Returns (rule, changed).
+    Raises :class:`ConfigError` when the data has problems."""
+    problems = rule_problems(data, rule)
+    if problems:
+        raise ConfigError(problems)
+    data = _normalised(data)
+    with transaction.atomic():
+        if rule is None:
+            rule, before, kept = Rule(name=data["name"]), None, []
+        else:
+            rule = Rule.objects.select_for_update().get(pk=rule.pk)
+            before = audit.snapshot(rule, RULE_AUDIT_FIELDS)
+            kept = before["destinations"]
+        for name in ("name", *RULE_FIELDS):
+            if name in data:
+                setattr(rule, name, data[name])
+        wanted = sorted(set(data["destinations"])) if "destinations" in data else kept
+        after = {**audit.snapshot(rule, ["name", *RULE_FIELDS]), "destinations": wanted}
+        if before == after:
+            return rule, False
+        _save_named(rule, "rule")
+        rule.destinations.set(Node.objects.filter(name__in=wanted))
+        action = "routing.rule.created" if before is None else "routing.rule.updated"
+        audit.record_change(action, rule, before, after)
+    return rule, True
+
+
+def set_rule_enabled(rule_id: int, enabled: bool) -> Rule:
+    """Enable or disable a rule, audited as ``routing.rule.updated``."""
+    with transaction.atomic():
+        rule = Rule.objects.select_for_update().get(pk=rule_id)
+        if rule.enabled != enabled:
+            rule.enabled = enabled
+            rule.save(update_fields=["enabled", "updated_at"])
+            audit.record_change("routing.rule.updated", rule, {"enabled": not enabled},
+                                {"enabled": enabled})
+    return rule
+
+
+def delete_rule(rule_id: int) -> str:
+    """Delete a rule, audited as ``routing.rule.deleted`` with everything it said. Deliveries
+    it decided keep its name (``Delivery.rule_name``). Returns its name."""
+    with transaction.atomic():
+        rule = Rule.objects.select_for_update().get(pk=rule_id)
+        audit.record_change("routing.rule.deleted", rule,
+                            audit.snapshot(rule, RULE_AUDIT_FIELDS), None)
+        name = rule.name
+        rule.delete()
+    return name
+
+
+def move_rule(rule_id: int, direction: str) -> Rule | None:
+    """Swap a rule with its neighbour in evaluation order (``direction`` "up": earlier,
+    "down": later), audited as ``routing.rule.moved``. Returns the neighbour, or None when
+    the rule is already first (last).
+
+    Two rules with the same order are evaluated by name, so swapping order values only
+    works while every order is distinct; otherwise every rule is renumbered 10, 20, 30...
+    in the new sequence (the audit event lists each rule whose order changed)."""
+    if direction not in ("up", "down"):
+        raise ValueError(f"direction must be up or down, got {direction!r}")
+    with transaction.atomic():
+        rules = list(Rule.objects.select_for_update().order_by("order", "name"))
+        index = next(i for i, r in enumerate(rules) if r.pk == rule_id)
+        other = index - 1 if direction == "up" else index + 1
+        if not 0 <= other < len(rules):
+            return None
+        moved, neighbour = rules[index], rules[other]
+        old = {r.pk: r.order for r in rules}
+        sequence = rules[:]
+        sequence[index], sequence[other] = neighbour, moved
+        if len(set(old.values())) == len(rules):
+            new = {**old, moved.pk: neighbour.order, neighbour.pk: moved.order}
+        else:
+            new = {r.pk: (i + 1) * 10 for i, r in enumerate(sequence)}
+        changed = [r for r in rules if new[r.pk] != old[r.pk]]
+        now = timezone.now()
+        for r in changed:
+            r.order, r.updated_at = new[r.pk], now
+        Rule.objects.bulk_update(changed, ["order", "updated_at"])
+        audit.record_change(
+            "routing.rule.moved", moved, {"order": old[moved.pk]}, {"order": new[moved.pk]},
+            direction=direction, swapped_with=neighbour.name,
+            orders={r.name: [old[r.pk], new[r.pk]] for r in changed},
+        )
+    return neighbour

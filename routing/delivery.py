@@ -564,14 +564,50 @@ def _change_by_hand(
         .select_related("instance", "node")
         .order_by("id")
     )
-    for d in rows:
-        audit.record(
-            action,
-            d,
-            {"previous_status": d.status, "attempts": d.attempts, "last_error": d.last_error},
-            actor=actor,
-        )
     Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
         claimed_at=None, claimed_by="", updated_at=timezone.now(), **changes
     )
+    who = actor or audit.current_actor()
+    audit.append([
+        {"actor": who, "action": action, "object_type": Delivery._meta.label,
+         "object_id": str(d.pk), "object_repr": str(d)[:200],
+         "detail": {"previous_status": d.status, "attempts": d.attempts,
+                    "last_error": d.last_error}}
+        for d in rows
+    ])
     return rows
+
+
+def retry_node(
+    node_id: int,
+    enqueue: Enqueue,
+    actor: str | None = None,
+    batch: int = 500,
+    seconds: float = 15.0,
+) -> list[int]:
+    """Retry by hand the FAILED and DEAD deliveries to one node (see :func:`retry_by_hand`): the
+    operator's answer to a PACS that is back after an outage. Works in batches of ``batch``,
+    oldest first, each its own transaction: no batch holds many row locks for long, and the
+    workers start sending the first while the next is retried. Starts no new batch after
+    ``seconds`` (a request must end); what is left stays as it was, for another call. Returns
+    the ids retried."""
+    deadline = time.monotonic() + seconds
+    retried: list[int] = []
+    after = 0
+    while True:
+        ids = list(
+            Delivery.objects.filter(
+                node_id=node_id,
+                status__in=RETRYABLE,
+                instance__file_deleted_at__isnull=True,
+                pk__gt=after,
+            )
+            .order_by("id")
+            .values_list("pk", flat=True)[:batch]
+        )
+        if not ids:
+            return retried
+        retried += retry_by_hand(Delivery.objects.filter(pk__in=ids), enqueue, actor)
+        after = ids[-1]
+        if time.monotonic() >= deadline:
+            return retried

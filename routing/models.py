@@ -215,6 +215,9 @@ class Delivery(models.Model):
         indexes = [
             models.Index(fields=["node", "status", "next_attempt_at"]),
             models.Index(fields=["status", "next_attempt_at"]),
+            # The dashboard: deliveries per hour, and each node's last delivery.
+            models.Index(fields=["delivered_at"], name="delivery_delivered_at_idx"),
+            models.Index(fields=["node", "delivered_at"], name="delivery_node_delivered_idx"),
         ]
 
     def __str__(self) -> str:

@@ -120,3 +120,77 @@ def bulk_steps(
             )
             for i, o in zip(numbers, orders, strict=True)
         )
+
+
+# --- Received studies, instances and deliveries (no file on disk) ---------------------------
+
+
+def make_received_study(**fields):
+    """A ReceivedStudy last received now (override ``last_received_at`` to age it)."""
+    from django.utils import timezone
+
+    from routing.models import ReceivedStudy
+
+    n = next(_seq)
+    values = {
+        "study_instance_uid": f"2.25.9{n:012d}",
+        "patient_id": f"RPID{n:05d}",
+        "patient_name": f"ROE^RICHARD{n}",
+        "accession_number": f"RACC{n:06d}",
+        "study_date": "20260316",
+        "study_description": "CT CHEST",
+        "modalities": "CT",
+        "last_received_at": timezone.now(),
+    }
+    values.update(fields)
+    return ReceivedStudy.objects.create(**values)
+
+
+def make_received_instance(study=None, **fields):
+    """A routed CT ReceivedInstance of ``study`` (a new one by default), received now; its
+    ``path`` names no real file."""
+    from django.utils import timezone
+
+    from routing.models import ReceivedInstance, RoutingStatus
+
+    n = next(_seq)
+    study = study or make_received_study()
+    values = {
+        "study": study,
+        "sop_instance_uid": f"{study.study_instance_uid}.1.{n}",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "series_instance_uid": f"{study.study_instance_uid}.1",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "header": {"Modality": "CT"},
+        "calling_ae": "CT1",
+        "size": 524288,
+        "path": f"/nonexistent/{n}.dcm",
+        "received_at": timezone.now(),
+        "routing_status": RoutingStatus.ROUTED,
+    }
+    values.update(fields)
+    return ReceivedInstance.objects.create(**values)
+
+
+def make_delivery_row(node, instance=None, **fields):
+    """A Delivery of ``instance`` (a new one by default) to ``node``: PENDING, due now.
+    ``created_at`` may be given (it is set after the insert, past auto_now_add)."""
+    from django.utils import timezone
+
+    from routing.models import Delivery
+
+    created_at = fields.pop("created_at", None)
+    instance = instance or make_received_instance()
+    values = {
+        "instance": instance,
+        "node": node,
+        "rule_name": "to archive",
+        "instance_version": instance.version,
+        "next_attempt_at": timezone.now(),
+    }
+    values.update(fields)
+    row = Delivery.objects.create(**values)
+    if created_at is not None:
+        Delivery.objects.filter(pk=row.pk).update(created_at=created_at)
+        row.created_at = created_at
+    return row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -9,11 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Group, User
 from django.test import Client
 
@@ -25,8 +27,16 @@ ROLE_NAMES = ("admin", "operator", "auditor", "norole", "anonymous")
 PASSWORD = "correct horse battery staple"
 
 
+@functools.cache
+def _password_hash() -> str:
+    # Hashing takes ~0.3 s by design; every test user shares one real hash of PASSWORD (which a
+    # separately started gateway process can check too).
+    return make_password(PASSWORD)
+
+
 def make_user(username: str, group: str | None = None, **fields) -> User:
-    user = User.objects.create_user(username, f"{username}@example.org", PASSWORD, **fields)
+    user = User.objects.create(username=username, email=f"{username}@example.org",
+                               password=_password_hash(), **fields)
     if group:
         user.groups.add(Group.objects.get_or_create(name=group)[0])
     return user
@@ -87,33 +97,41 @@ class LiveGateway:
 
 
 @pytest.fixture
-def live_gateway(transactional_db, celery_broker, tmp_path) -> Iterator[LiveGateway]:
+def start_gateway(transactional_db, celery_broker,
+                  tmp_path) -> Iterator[Callable[..., LiveGateway]]:
+    """``start_gateway(**env)``: ``rungateway`` on the test database and the tests' Redis, with
+    the short retry and sweep times of the worker tests unless ``env`` says otherwise."""
     from django.db import connection
 
     from tests.fixtures_pacs import WORKER_ENV
 
     assert connection.vendor == "postgresql", "the live gateway needs DATABASE_URL=postgres://"
-    ports = {"HTTP_PORT": free_port(), "HL7_PORT": free_port(), "DICOM_PORT": free_port()}
-    env = process_env(
-        connection.settings_dict["NAME"],
-        REDIS_URL=celery_broker.url,
-        GATEWAY_DATA_DIR=str(tmp_path / "var"),
-        HL7_HOST="127.0.0.1",
-        DICOM_HOST="127.0.0.1",
-        WEB_CONCURRENCY="2",
-        CELERY_CONCURRENCY="2",
-        GATEWAY_MIN_FREE_MB="0",
-        **{k: str(v) for k, v in ports.items()},
-        **WORKER_ENV,
-    )
-    log = tmp_path / "rungateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "rungateway", "--http-host", "127.0.0.1"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    started: list[LiveGateway] = []
+
+    def start(**overrides: str) -> LiveGateway:
+        ports = {"HTTP_PORT": free_port(), "HL7_PORT": free_port(), "DICOM_PORT": free_port()}
+        env = process_env(
+            connection.settings_dict["NAME"],
+            REDIS_URL=celery_broker.url,
+            GATEWAY_DATA_DIR=str(tmp_path / f"var{len(started)}"),
+            HL7_HOST="127.0.0.1",
+            DICOM_HOST="127.0.0.1",
+            WEB_CONCURRENCY="2",
+            CELERY_CONCURRENCY="2",
+            GATEWAY_MIN_FREE_MB="0",
+            **{k: str(v) for k, v in ports.items()},
+            **{**WORKER_ENV, **overrides},
         )
-    gateway = LiveGateway(proc, log, ports["HTTP_PORT"], ports["HL7_PORT"], ports["DICOM_PORT"])
-    try:
+        log = tmp_path / f"rungateway{len(started)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "manage.py"), "rungateway",
+                 "--http-host", "127.0.0.1"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        gateway = LiveGateway(proc, log, ports["HTTP_PORT"], ports["HL7_PORT"],
+                              ports["DICOM_PORT"], env["DICOM_AE_TITLE"])
+        started.append(gateway)
         deadline = time.monotonic() + 90
         for port in ports.values():
             while True:
@@ -125,25 +143,46 @@ def live_gateway(transactional_db, celery_broker, tmp_path) -> Iterator[LiveGate
                     assert time.monotonic() < deadline, (
                         f"nothing on {port}:\n{gateway.output()[-3000:]}")
                     time.sleep(0.2)
-        yield gateway
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.proc.poll() is None:
+            gateway.proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                gateway.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                os.killpg(gateway.proc.pid, signal.SIGKILL)
+                gateway.proc.wait()
+    if started:
+        _wait_for_other_sessions_to_end(connection)
 
 
-@pytest.fixture(scope="session")
+def _wait_for_other_sessions_to_end(connection, timeout: float = 10.0) -> None:
+    """The gateway's processes have exited, but PostgreSQL ends their sessions a moment later;
+    the test database can only be flushed and dropped once they are gone."""
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                           "current_database() AND pid <> pg_backend_pid()")
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def live_gateway(start_gateway) -> LiveGateway:
+    return start_gateway()
+
+
+@pytest.fixture
 def chromium():
-    """Headless Debian Chromium driven by Playwright, one per test session."""
+    """Headless Debian Chromium driven by Playwright, for one test. While it is open, Playwright
+    keeps an event loop running on this thread and Django refuses ORM calls here: a browser
+    test prepares its rows in fixtures requested before this one."""
     from playwright.sync_api import sync_playwright
 
-    # Playwright's sync API keeps an event loop on this thread; the test's own ORM calls are
-    # still synchronous, so Django's async-safety guard would refuse them.
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield browser

@@ -11,7 +11,9 @@ range queries are plain comparisons on one indexed column.
 
 from __future__ import annotations
 
-from django.db import models
+from django.db import models, transaction
+
+from gateway import audit as audit_trail
 
 
 class StepStatus(models.TextChoices):
@@ -29,6 +31,11 @@ class StepStatus(models.TextChoices):
     def on_worklist(cls) -> list[str]:
         """The states a modality should still perform, so the ones MWL returns."""
         return [cls.SCHEDULED, cls.ARRIVED, cls.READY]
+
+    @classmethod
+    def ended(cls) -> list[str]:
+        """The states after which nothing more happens to a step."""
+        return [cls.COMPLETED, cls.DISCONTINUED, cls.CANCELLED]
 
 
 class OrderStatus(models.TextChoices):
@@ -87,6 +94,12 @@ class Patient(models.Model):
             models.Index(
                 fields=["patient_id"],
                 name="patient_id_pattern_idx",
+                opclasses=["varchar_pattern_ops"],
+            ),
+            # Name prefix matching (LIKE 'DOE%') in MWL queries and the worklist page.
+            models.Index(
+                fields=["name_key"],
+                name="patient_name_key_pattern_idx",
                 opclasses=["varchar_pattern_ops"],
             ),
         ]
@@ -173,10 +186,52 @@ class ScheduledStep(models.Model):
             models.Index(fields=["status", "modality", "start"]),
             models.Index(fields=["status", "start"]),
             models.Index(fields=["sps_id"]),
+            # The worklist page: every step by start, and (its default) the open ones by start.
+            models.Index(fields=["start", "id"], name="step_start_id_idx"),
+            models.Index(
+                fields=["start", "id"],
+                name="step_open_start_id_idx",
+                condition=models.Q(status__in=["SCHEDULED", "ARRIVED", "READY"]),
+            ),
         ]
 
     def __str__(self) -> str:
         return f"SPS {self.sps_id} {self.modality} @ {self.station_ae_title or '-'} ({self.status})"
+
+    def end_by_hand(self, status: str) -> None:
+        """Cancel or complete this step from the UI (``status`` CANCELLED or COMPLETED).
+
+        In one transaction: the step's status, its order's status recomputed from all its
+        steps, and the audit event ``worklist.step.cancelled`` / ``worklist.step.completed``
+        with the statuses before and after. The order is locked first, as an HL7 message
+        about it locks it, so the two queue up. Raises :class:`StepAlreadyEnded` when the
+        step has completed, been discontinued or cancelled (perhaps meanwhile)."""
+        action = _HAND_ACTIONS[status]
+        with transaction.atomic():
+            order = ImagingOrder.objects.select_for_update().get(pk=self.order_id)
+            steps = list(order.steps.select_for_update().order_by("id"))
+            step = next(s for s in steps if s.pk == self.pk)
+            if step.status in StepStatus.ended():
+                raise StepAlreadyEnded(step.get_status_display())
+            before = {"status": step.status, "order_status": order.status}
+            step.status = status
+            step.save(update_fields=["status", "updated_at"])
+            order.status = OrderStatus.for_steps(s.status for s in steps)
+            order.save(update_fields=["status", "updated_at"])
+            audit_trail.record_change(action, step, before,
+                                      {"status": step.status, "order_status": order.status},
+                                      order=order.pk)
+        self.status, self.updated_at, self.order = step.status, step.updated_at, order
+
+
+class StepAlreadyEnded(Exception):
+    """A hand action on a step that has already ended; the message names its status."""
+
+
+_HAND_ACTIONS = {
+    StepStatus.CANCELLED: "worklist.step.cancelled",
+    StepStatus.COMPLETED: "worklist.step.completed",
+}
 
 
 class Station(models.Model):
@@ -246,10 +301,23 @@ class HL7Message(models.Model):
     patient_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
     raw = models.BinaryField()
     ack = models.BinaryField(default=b"")
+    # Set on the row of a new attempt when an operator reprocessed a refused message.
+    reprocessed_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reprocessed_as"
+    )
 
     class Meta:
         ordering = ["-id"]
-        indexes = [models.Index(fields=["sending_application", "sending_facility", "control_id"])]
+        indexes = [
+            models.Index(fields=["sending_application", "sending_facility", "control_id"]),
+            # Filters of the messages page: control id alone, and type by prefix ("ORM").
+            models.Index(fields=["control_id"], name="hl7message_control_id_idx"),
+            models.Index(
+                fields=["message_type"],
+                name="hl7message_type_pattern_idx",
+                opclasses=["varchar_pattern_ops"],
+            ),
+        ]
         constraints = [
             # One accepted effect per sender and control id: a concurrent duplicate fails here
             # and is answered as a duplicate.

@@ -761,3 +761,28 @@ def find_worklist(
     """
     plan = compile_query(identifier, options, implicit_vr)
     return (plan.answer(row) for row in plan.rows(limit, chunk_size=chunk_size))
+
+
+# --- One step as a modality receives it (the worklist page) ---------------------------------
+
+
+def every_return_key() -> Dataset:
+    """An identifier asking for every return key the gateway answers (PS3.4 Table K.6-1),
+    each universal, with an empty Scheduled Procedure Step Sequence (which asks for its
+    full item)."""
+    identifier = Dataset()
+    for tag, attr in TOP_LEVEL.items():
+        identifier.add(DataElement(tag, attr.vr, [] if attr.vr == "SQ" else None))
+    identifier.add(DataElement(SPS_SEQUENCE, "SQ", []))
+    return identifier
+
+
+def item_for_step(step_id: int, implicit_vr: bool = False) -> Dataset | None:
+    """The response identifier a C-FIND asking :func:`every_return_key` gets for this step,
+    built by the same plan and encoder as a worklist answer. Matching is replaced by the
+    step's id, so a step no query returns any more (ended) shows what it was. None when
+    there is no such step."""
+    plan = compile_query(every_return_key(), implicit_vr=implicit_vr)
+    plan.q = Q(pk=step_id)
+    rows = list(plan.queryset()[:1])
+    return plan.answer(rows[0]) if rows else None

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-from datetime import datetime, time
 
 from django import forms
 from django.db.models import Q
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
-from django.utils.dateparse import parse_date, parse_datetime
 
 from .. import audit
 from ..models import AuditEvent
-from ..web import VIEW, Pager, role_required
+from ..web import VIEW, Pager, parse_when, role_required
 
 # The actions the gateway records, for the filter's suggestions (any text can be typed).
 KNOWN_ACTIONS = [
@@ -30,24 +28,6 @@ KNOWN_ACTIONS = [
     "routing.rule.deleted", "routing.rule.moved",
     "worklist.step.cancelled", "worklist.step.completed", "audit.exported",
 ]
-
-
-def parse_when(text: str, end: bool = False) -> datetime | None:
-    """An ISO date or date-time from a filter; a bare date means its start (or, for an upper
-    bound, its end). Naive values are in the server's time zone."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    value = parse_datetime(text)
-    if value is None:
-        day = parse_date(text)
-        if day is None:
-            raise forms.ValidationError("Use a date (2026-11-27) or date and time "
-                                        "(2026-11-27T14:30).")
-        value = datetime.combine(day, time.max if end else time.min)
-    if timezone.is_naive(value):
-        value = timezone.make_aware(value)
-    return value
 
 
 class AuditFilters(forms.Form):

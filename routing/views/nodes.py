@@ -1,35 +1,193 @@
-"""Placeholder views until this area is built."""
+"""Nodes: the PACS and archives studies are forwarded to.
 
-from django.shortcuts import render
+Everyone with a role sees the nodes and each node's page; administrators add, change,
+enable, disable and delete them. Verify (a C-ECHO now) changes no configuration, so operators
+may run it too. Changes go through :mod:`routing.config`, which checks them as an import
+would and audits them.
+"""
 
-from gateway.web import VIEW, role_required
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django import forms
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
+
+from gateway.web import CONFIGURE, OPERATE, VIEW, can, role_required
+
+from .. import config
+from ..models import Delivery, DeliveryStatus, Node
+
+
+class NodeForm(forms.Form):
+    """A node as an administrator types it; checked by :func:`routing.config.node_problems`
+    (the import's rules) once Django has read the numbers."""
+
+    name = forms.CharField(label="Name", help_text="How the gateway's pages and rules call it.")
+    ae_title = forms.CharField(label="AE title", help_text="The node's own AE title: 1-16 "
+                               "characters, printable ASCII, no backslash.")
+    host = forms.CharField(label="Host", help_text="Host name or IP address.")
+    port = forms.IntegerField(label="Port", help_text="1-65535; DICOM's usual ports are 104 "
+                              "and 11112.")
+    enabled = forms.BooleanField(label="Enabled", required=False, initial=True,
+                                 help_text="A disabled node keeps its deliveries waiting.")
+    max_associations = forms.IntegerField(
+        label="Max parallel associations", initial=2,
+        help_text="Most associations the gateway opens to this node at the same time (1-64).",
+    )
+
+    def __init__(self, *args, node: Node | None = None, read_only: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.node = node
+        for field in self.fields.values():
+            field.disabled = read_only
+
+    def clean(self):
+        data = super().clean()
+        add_problems(self, config.node_problems(data, self.node))
+        return data
+
+
+def add_problems(form: forms.Form, problems: Iterable[str]) -> None:
+    """Put each ``"field: problem"`` from the configuration checks next to its field (or at
+    the top of the form), unless Django already found that field wrong."""
+    for problem in problems:
+        field, _, message = problem.partition(": ")
+        if field in form.fields and message:
+            if field not in form.errors:
+                form.add_error(field, message[:1].upper() + message[1:])
+        else:
+            form.add_error(None, problem)
+
+
+def with_activity(nodes: QuerySet[Node]) -> QuerySet[Node]:
+    """Nodes with ``backlog`` (open deliveries) and ``last_delivered_at``, in the one query:
+    two subqueries per node, one on the (node, status, next_attempt_at) index, one on the
+    (node, delivered_at) index, so the cost does not grow with the deliveries behind them."""
+    backlog = (
+        Delivery.objects.filter(node=OuterRef("pk"), status__in=DeliveryStatus.open())
+        .order_by()
+        .values("node")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    last_delivered = (
+        Delivery.objects.filter(node=OuterRef("pk"), delivered_at__isnull=False)
+        .order_by("-delivered_at")
+        .values("delivered_at")[:1]
+    )
+    return nodes.annotate(
+        backlog=Coalesce(Subquery(backlog), 0), last_delivered_at=Subquery(last_delivered)
+    )
 
 
 @role_required(VIEW)
-def node_list(request, **kwargs):
-    return render(request, "stub.html", {"title": "node_list"})
+def node_list(request: HttpRequest) -> HttpResponse:
+    nodes = with_activity(Node.objects.order_by("name"))
+    return render(request, "routing/node_list.html", {"title": "Nodes", "nodes": nodes})
+
+
+@role_required(CONFIGURE)
+def node_create(request: HttpRequest) -> HttpResponse:
+    form = NodeForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            node, _ = config.save_node(None, form.cleaned_data)
+        except config.ConfigError as exc:
+            add_problems(form, exc.problems)
+        else:
+            messages.success(request, f"Node {node.name} added. Verify it to check that it "
+                             "answers.")
+            return redirect("node-list")
+    return render(request, "routing/node_form.html", {"title": "Add node", "form": form})
 
 
 @role_required(VIEW)
-def node_create(request, **kwargs):
-    return render(request, "stub.html", {"title": "node_create"})
+def node_edit(request: HttpRequest, pk: int) -> HttpResponse:
+    node = get_object_or_404(with_activity(Node.objects.all()), pk=pk)
+    editable = can(request.user, CONFIGURE)
+    if request.method == "POST":
+        if not editable:
+            raise PermissionDenied("Changing a node needs the Administrators role.")
+        form = NodeForm(request.POST, node=node)
+        if form.is_valid():
+            try:
+                node, changed = config.save_node(node, form.cleaned_data)
+            except config.ConfigError as exc:
+                add_problems(form, exc.problems)
+            else:
+                if changed:
+                    messages.success(request, f"Node {node.name} saved.")
+                else:
+                    messages.info(request, f"Nothing changed on node {node.name}.")
+                return redirect("node-list")
+    else:
+        form = NodeForm(initial=_initial(node), node=node, read_only=not editable)
+    return render(request, "routing/node_form.html", {
+        "title": f"Node {node.name}", "form": form, "node": node, "editable": editable,
+    })
 
 
-@role_required(VIEW)
-def node_edit(request, **kwargs):
-    return render(request, "stub.html", {"title": "node_edit"})
+def _initial(node: Node) -> dict:
+    return {name: getattr(node, name) for name in config.NODE_AUDIT_FIELDS}
 
 
-@role_required(VIEW)
-def node_delete(request, **kwargs):
-    return render(request, "stub.html", {"title": "node_delete"})
+@role_required(CONFIGURE)
+@require_POST
+def node_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    node = get_object_or_404(Node, pk=pk)
+    try:
+        name, rules = config.delete_node(node.pk)
+    except config.NodeInUse as exc:
+        messages.error(request, str(exc))
+        return redirect("node-edit", pk=node.pk)
+    text = f"Node {name} deleted."
+    if rules:
+        text += f" It was taken out of the rules {', '.join(rules)}."
+    messages.success(request, text)
+    return redirect("node-list")
 
 
-@role_required(VIEW)
-def node_toggle(request, **kwargs):
-    return render(request, "stub.html", {"title": "node_toggle"})
+@role_required(CONFIGURE)
+@require_POST
+def node_toggle(request: HttpRequest, pk: int) -> HttpResponse:
+    node = get_object_or_404(Node, pk=pk)
+    # The page says which way the button goes; without it, the switch flips.
+    wanted = request.POST.get("enabled")
+    enabled = not node.enabled if wanted not in ("0", "1") else wanted == "1"
+    node = config.set_node_enabled(node.pk, enabled)
+    if node.enabled:
+        messages.success(request, f"Node {node.name} enabled.")
+    else:
+        messages.success(request, f"Node {node.name} disabled: deliveries to it wait until "
+                         "it is enabled again.")
+    return _back(request, reverse("node-list"))
 
 
-@role_required(VIEW)
-def node_verify(request, **kwargs):
-    return render(request, "stub.html", {"title": "node_verify"})
+@role_required(OPERATE)
+@require_POST
+def node_verify(request: HttpRequest, pk: int) -> HttpResponse:
+    node = get_object_or_404(Node, pk=pk)
+    error, ms = config.verify_node(node.pk)
+    if error:
+        messages.error(request, f"C-ECHO to {node.name} failed: {error}")
+    else:
+        messages.success(request, f"C-ECHO to {node.name} succeeded in {ms} ms")
+    return _back(request, reverse("node-list"))
+
+
+def _back(request: HttpRequest, default: str) -> HttpResponse:
+    """To the page the button was on (``next``), when it is one of ours."""
+    target = request.POST.get("next", "")
+    if target and url_has_allowed_host_and_scheme(target, {request.get_host()},
+                                                  require_https=request.is_secure()):
+        return redirect(target)
+    return redirect(default)

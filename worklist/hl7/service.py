@@ -10,10 +10,12 @@ is kept for reprocessing. Nothing here answers AA unless the commit succeeded.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
@@ -92,7 +94,7 @@ def _handle(raw: bytes, peer: str) -> bytes:
     ack = build_ack(header, ACCEPT)
     try:
         fields = _record_fields(header, raw, peer, patient_id)
-        with acting_as(f"hl7:{header.sending_application}"), transaction.atomic():
+        with acting_as(_actor_for(header, peer)), transaction.atomic():
             (pk,) = sql.insert(HL7Message, [{"status": MessageStatus.ACCEPTED, "ack": ack,
                                              **fields}])
             record = HL7Message(pk=pk, control_id=fields["control_id"])
@@ -193,6 +195,9 @@ def _record_fields(header: Header | None, raw: bytes, peer: str, patient_id: str
                                   if p)[:20],
             version=header.version[:10],
         )
+    reprocessing = _reprocessing.get()
+    if reprocessing is not None:
+        fields["reprocessed_from_id"] = reprocessing.original_id
     return fields
 
 
@@ -202,8 +207,7 @@ def _refuse(raw: bytes, peer: str, header: Header | None, error: HL7Error,
     ack = build_ack(header, code, error)
     try:
         status = MessageStatus.REJECTED if error.reject else MessageStatus.ERROR
-        actor = f"hl7:{header.sending_application}" if header else f"hl7:{peer}"
-        with acting_as(actor), transaction.atomic():
+        with acting_as(_actor_for(header, peer)), transaction.atomic():
             record = HL7Message.objects.create(
                 status=status, error_code=error.code, error_text=error.text, ack=ack,
                 **_record_fields(header, raw, peer, patient_id),
@@ -241,7 +245,7 @@ def _accepted_before(header: Header) -> bool:
 def _store_duplicate(raw: bytes, peer: str, header: Header, patient_id: str,
                      ack: bytes) -> bytes:
     try:
-        with acting_as(f"hl7:{header.sending_application}"), transaction.atomic():
+        with acting_as(_actor_for(header, peer)), transaction.atomic():
             record = HL7Message.objects.create(status=MessageStatus.DUPLICATE, ack=ack,
                                                **_record_fields(header, raw, peer, patient_id))
             audit = _Audit(record)
@@ -660,3 +664,82 @@ HANDLERS: dict[tuple[str, str], Callable[[Message, HL7Message, _Audit], None]] =
     ("ADT", "A31"): apply_patient_update,
     ("ADT", "A40"): apply_merge,
 }
+
+
+# --- reprocessing a refused message (the messages page) ---------------------------------
+
+REPROCESSABLE = (MessageStatus.ERROR, MessageStatus.REJECTED)
+# The start of the error text handle_oversize stores: only the message's beginning is kept.
+_OVERSIZE_TEXT = "The message is larger than the "
+
+
+@dataclass(frozen=True)
+class _Reprocessing:
+    original_id: int
+    actor: str
+
+
+# Set only while reprocess() runs; the listener's path reads it once per stored row.
+_reprocessing: contextvars.ContextVar[_Reprocessing | None] = contextvars.ContextVar(
+    "hl7_reprocessing", default=None)
+
+
+def _actor_for(header: Header | None, peer: str) -> str:
+    """Who the audit trail names for a message: its sending application, or the user who
+    reprocesses it."""
+    reprocessing = _reprocessing.get()
+    if reprocessing is not None:
+        return reprocessing.actor
+    return f"hl7:{header.sending_application}" if header else f"hl7:{peer}"
+
+
+class NotReprocessable(Exception):
+    """A message that is not run again; the text says why."""
+
+
+def why_not_reprocessable(message: HL7Message) -> str:
+    """"" when ``message`` may be reprocessed, else the reason it may not."""
+    if message.status not in REPROCESSABLE:
+        return (f"Only a refused message (error or rejected) can be reprocessed; message "
+                f"{message.pk} was {message.get_status_display()}.")
+    if message.error_text.startswith(_OVERSIZE_TEXT):
+        return (f"Message {message.pk} was over the size limit and only its beginning is "
+                "stored; ask the sender to send it again.")
+    return ""
+
+
+def reprocess(message_id: int, actor: str | None = None) -> HL7Message:
+    """Run a refused (ERROR or REJECTED) message's stored bytes through the listener's
+    handling again, e.g. after an administrator added the order status mapping it lacked.
+
+    The attempt is stored as a new HL7Message whose ``reprocessed_from`` is the original;
+    its ACK goes nowhere. Its audit events, and ``hl7.message.reprocessed`` on the original
+    (original id, new id, new status), name ``actor`` (default: the current actor, the
+    signed-in user in the UI), all in one transaction. The mapping and station tables are
+    read afresh. When the sender's control id was accepted meanwhile, the attempt is a
+    DUPLICATE (AA, no effect), exactly as a resend from the sender would be.
+
+    Raises :class:`NotReprocessable` for any other status or a message stored cut short,
+    and ``HL7Message.DoesNotExist`` for an unknown id. Returns the new message."""
+    actor = actor or current_actor()
+    with transaction.atomic():
+        original = HL7Message.objects.select_for_update().get(pk=message_id)
+        reason = why_not_reprocessable(original)
+        if reason:
+            raise NotReprocessable(reason)
+        clear_caches()
+        token = _reprocessing.set(_Reprocessing(original.pk, actor))
+        try:
+            _handle(bytes(original.raw), original.peer)
+        finally:
+            _reprocessing.reset(token)
+        attempt = (HL7Message.objects.filter(reprocessed_from=original).order_by("-id")
+                   .first())
+        if attempt is None:  # _refuse could not store it (logged there)
+            raise RuntimeError(f"the new attempt of message {original.pk} was not stored")
+        audit_trail.record("hl7.message.reprocessed", original,
+                           {"original": original.pk, "new": attempt.pk,
+                            "status": attempt.status, "error_code": attempt.error_code},
+                           actor=actor)
+    log.info("message %s reprocessed as %s: %s", original.pk, attempt.pk, attempt.status)
+    return attempt
