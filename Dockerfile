@@ -24,4 +24,4 @@ RUN pip install --no-cache-dir .
 USER gateway
 VOLUME ["/data"]
 EXPOSE 8000 2575 11112
-CMD ["gunicorn", "gateway.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "3", "--access-logfile", "-"]
+CMD ["gunicorn", "gateway.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "3", "--config", "python:gateway.gunicorn_config"]

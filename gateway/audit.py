@@ -128,6 +128,13 @@ def record_change(action: str, obj: Any, before: dict | None, after: dict | None
     record(action, obj, {"before": before, "after": after, **detail})
 
 
+def last_event() -> tuple[int, Any, str] | None:
+    """(id, time, hash) of the newest event: the anchor to keep outside the database."""
+    from .models import AuditEvent
+
+    return AuditEvent.objects.order_by("-id").values_list("id", "at", "hash").first()
+
+
 def verify() -> tuple[int, dict | None]:
     """Walk the trail in id order. Returns (events checked, None) when every hash follows from
     the one before, else (events checked, the first event whose hash does not)."""
@@ -155,3 +162,57 @@ class ActorMiddleware:
             with acting_as(f"user:{user.get_username()}"):
                 return self.get_response(request)
         return self.get_response(request)
+
+
+# --- Django's admin (superusers only): its changes go to the same trail --------------------
+
+
+def _admin_value(value: Any) -> Any:
+    if hasattr(value, "all") and hasattr(value, "model"):  # a queryset from a m2m field
+        return sorted(str(item) for item in value)
+    if hasattr(value, "_meta"):
+        return str(value)
+    return value
+
+
+class AuditedAdmin:
+    """Mixin for a ModelAdmin: every save and delete through the admin is recorded as
+    ``<app>.<model>.created / updated / deleted`` with the changed fields' values before and
+    after, in the admin's own transaction."""
+
+    def save_model(self, request, obj, form, change):
+        # A password (hashed or not) never goes into the trail; that it changed does.
+        fields = [f for f in form.changed_data if "password" not in f]
+        before = ({f: _admin_value(form.initial.get(f)) for f in fields} if change else None)
+        super().save_model(request, obj, form, change)
+        request._audited_form = (obj, fields, before, change)
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        obj, fields, before, change = request._audited_form
+        after = {f: _admin_value(form.cleaned_data.get(f)) for f in fields}
+        label = obj._meta.label_lower
+        record_change(f"{label}.{'updated' if change else 'created'}", obj, before, after,
+                      source="admin")
+
+    def delete_model(self, request, obj):
+        record(f"{obj._meta.label_lower}.deleted", obj, {"source": "admin"})
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            record(f"{obj._meta.label_lower}.deleted", obj, {"source": "admin"})
+        super().delete_queryset(request, queryset)
+
+
+class ReadOnlyAdmin:
+    """Mixin for a ModelAdmin of records (messages, queries, associations): viewable only."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -1,5 +1,7 @@
 """Cross-cutting records: the audit trail."""
 
+import json
+
 from django.db import models
 from django.utils import timezone
 
@@ -27,3 +29,8 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.object_repr}"
+
+    @property
+    def detail_text(self) -> str:
+        """The details as compact JSON, as the list and the CSV export show them."""
+        return json.dumps(self.detail, sort_keys=True, ensure_ascii=False)

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from datetime import datetime, time
+from datetime import UTC, datetime, time
 from urllib.parse import urlencode
 
 from django import forms
+from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
+from django.utils.http import url_has_allowed_host_and_scheme
 
 ADMINISTRATORS = "Administrators"
 OPERATORS = "Operators"
@@ -105,11 +107,16 @@ class Pager:
     it shows to know whether a next page exists, so a page costs the same with 100 rows or
     10 million behind it. ``?page=N`` (1-based); other query parameters are kept in links."""
 
+    # Deeper than this, a page costs a walk past too many rows; filters find it faster.
+    MAX_PAGES = 2000
+
     def __init__(self, request: HttpRequest, queryset, per_page: int = 50):
         try:
             self.number = max(1, int(request.GET.get("page", "1")))
         except ValueError:
             self.number = 1
+        self.capped = self.number >= self.MAX_PAGES
+        self.number = min(self.number, self.MAX_PAGES)
         self.per_page = per_page
         start = (self.number - 1) * per_page
         if start:
@@ -121,7 +128,7 @@ class Pager:
             rows = [by_key[key] for key in keys if key in by_key]
         else:
             rows = list(queryset[: per_page + 1])
-        self.has_next = len(rows) > per_page
+        self.has_next = len(rows) > per_page and not self.capped
         self.items = rows[:per_page]
         self.has_previous = self.number > 1
         self.first_index = start + 1 if self.items else 0
@@ -154,9 +161,26 @@ def query_string(**params) -> str:
     return "?" + urlencode(kept) if kept else ""
 
 
+def redirect_back(request: HttpRequest, default: str):
+    """After an action: back to the page its form was on (POST ``next``, this site only), else
+    to ``default`` (a URL or URL name)."""
+    target = request.POST.get("next", "")
+    if target and url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return redirect(target)
+    return redirect(default)
+
+
 def client_ip(request: HttpRequest) -> str:
-    """The peer address (REMOTE_ADDR; behind a proxy, the proxy sets it via gunicorn's
-    forwarded-allow-ips)."""
+    """The browser's address: the socket peer, or behind the TLS proxy
+    (``DJANGO_BEHIND_TLS_PROXY``) the address the proxy appended last to X-Forwarded-For; the
+    entries before it are whatever the client claimed, so they are not trusted."""
+    if settings.BEHIND_TLS_PROXY:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+        if hops:
+            return hops[-1][:64]
     return request.META.get("REMOTE_ADDR", "")
 
 
@@ -178,6 +202,12 @@ def parse_when(text: str, end: bool = False) -> datetime | None:
     elif value is None:
         raise forms.ValidationError("Use a date (2026-11-27) or a date and time "
                                     "(2026-11-27T14:30).")
-    if timezone.is_naive(value):
-        value = timezone.make_aware(value)
-    return value
+    try:
+        if timezone.is_naive(value):
+            value = timezone.make_aware(value)
+        # In UTC: PostgreSQL refuses offsets beyond ±15:59 that Python reads
+        # ("2026-11-27T10:00+23:00"), and near year 1 or 9999 an offset can push a time out
+        # of the calendar.
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise forms.ValidationError("Use a date between the years 1 and 9999.") from None

@@ -1,11 +1,11 @@
-"""Django admin for superusers until the product pages (UI issue) exist. Rules are checked
-with the same :func:`routing.rules.validate_rule` that config import uses; node and rule
-changes are audited like an import."""
+"""Django's admin, for superusers (the product's pages are the way to work). Rules are checked
+with the same :func:`routing.rules.validate_rule` that config import uses; every change is
+audited; what was received and delivered is read-only."""
 
 from django import forms
 from django.contrib import admin
 
-from gateway import audit
+from gateway.audit import AuditedAdmin, ReadOnlyAdmin
 
 from .config import validate_ae_title
 from .models import Delivery, DicomAssociation, Node, ReceivedInstance, ReceivedStudy, Rule
@@ -30,22 +30,8 @@ class NodeForm(forms.ModelForm):
         return port
 
 
-class AuditedAdmin(admin.ModelAdmin):
-    def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        kind = obj._meta.model_name
-        with audit.acting_as(f"user:{request.user.get_username()}"):
-            audit.record(f"routing.{kind}.{'updated' if change else 'created'}", obj,
-                         {"source": "admin", "fields": sorted(form.changed_data)})
-
-    def delete_model(self, request, obj):
-        with audit.acting_as(f"user:{request.user.get_username()}"):
-            audit.record(f"routing.{obj._meta.model_name}.deleted", obj, {"source": "admin"})
-        super().delete_model(request, obj)
-
-
 @admin.register(Node)
-class NodeAdmin(AuditedAdmin):
+class NodeAdmin(AuditedAdmin, admin.ModelAdmin):
     form = NodeForm
     list_display = ("name", "ae_title", "host", "port", "enabled", "max_associations",
                     "last_echo_ok_at", "last_echo_error")
@@ -74,7 +60,7 @@ class RuleForm(forms.ModelForm):
 
 
 @admin.register(Rule)
-class RuleAdmin(AuditedAdmin):
+class RuleAdmin(AuditedAdmin, admin.ModelAdmin):
     form = RuleForm
     list_display = ("order", "name", "enabled", "match", "mode", "stop")
     list_display_links = ("name",)
@@ -83,16 +69,8 @@ class RuleAdmin(AuditedAdmin):
     filter_horizontal = ("destinations",)
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-
 @admin.register(DicomAssociation)
-class DicomAssociationAdmin(ReadOnlyAdmin):
+class DicomAssociationAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     list_display = ("started_at", "calling_ae", "called_ae", "peer", "instances", "failures",
                     "result", "ended_at")
     list_filter = ("result",)
@@ -100,14 +78,14 @@ class DicomAssociationAdmin(ReadOnlyAdmin):
 
 
 @admin.register(ReceivedStudy)
-class ReceivedStudyAdmin(ReadOnlyAdmin):
+class ReceivedStudyAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     list_display = ("accession_number", "patient_id", "patient_name", "study_date",
                     "modalities", "last_received_at", "study_routed_at")
     search_fields = ("study_instance_uid", "accession_number", "patient_id")
 
 
 @admin.register(ReceivedInstance)
-class ReceivedInstanceAdmin(ReadOnlyAdmin):
+class ReceivedInstanceAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     list_display = ("sop_instance_uid", "calling_ae", "sop_class_uid", "transfer_syntax_uid",
                     "received_at", "version", "routing_status")
     list_filter = ("routing_status", "calling_ae")
@@ -117,7 +95,7 @@ class ReceivedInstanceAdmin(ReadOnlyAdmin):
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(ReadOnlyAdmin):
+class DeliveryAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     list_display = ("instance", "node", "rule_name", "instance_version", "status", "attempts",
                     "next_attempt_at", "delivered_at", "last_error")
     list_filter = ("status", "node")

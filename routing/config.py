@@ -170,6 +170,7 @@ def import_config(document: Any, actor: str = "system", dry_run: bool = False) -
     if problems:
         raise ConfigError(problems)
     result = ImportResult()
+    events: list[dict] = []
     with transaction.atomic(), audit.acting_as(actor):
         nodes = {n.name: n for n in Node.objects.select_for_update()}
         for data in document.get("nodes", []):
@@ -180,7 +181,7 @@ def import_config(document: Any, actor: str = "system", dry_run: bool = False) -
             if created or changes:
                 node.save()
                 nodes[node.name] = node
-                _record(result, node, "node", created, changes)
+                events.append(_imported(result, node, "node", created, changes))
             else:
                 result.unchanged.append(f"node:{node.name}")
         for data in document.get("rules", []):
@@ -196,9 +197,11 @@ def import_config(document: Any, actor: str = "system", dry_run: bool = False) -
                 rule.save()
                 if wanted != before or created:
                     rule.destinations.set([nodes[name] for name in sorted(wanted)])
-                _record(result, rule, "rule", created, changes)
+                events.append(_imported(result, rule, "rule", created, changes))
             else:
                 result.unchanged.append(f"rule:{rule.name}")
+        # Last in the transaction: appending holds the audit trail's lock until the commit.
+        audit.append(events)
         if dry_run:
             transaction.set_rollback(True)
     return result
@@ -223,13 +226,18 @@ def _assign(obj, data: Mapping, fields: tuple[str, ...]) -> dict:
     return changes
 
 
-def _record(result: ImportResult, obj, kind: str, created: bool, changes: dict) -> None:
+def _imported(result: ImportResult, obj, kind: str, created: bool, changes: dict) -> dict:
+    """Note the change in ``result`` and return its audit event, in the same before / after
+    form as a change made on the pages."""
     (result.created if created else result.updated).append(f"{kind}:{obj.name}")
-    audit.record(
-        f"routing.{kind}.{'created' if created else 'updated'}",
-        obj,
-        {"source": "import_config", "changes": changes},
-    )
+    before = None if created else {f: old for f, (old, _new) in changes.items()}
+    after = {f: new for f, (_old, new) in changes.items()}
+    return {
+        "actor": audit.current_actor(),
+        "action": f"routing.{kind}.{'created' if created else 'updated'}",
+        "object_type": obj._meta.label, "object_id": str(obj.pk), "object_repr": str(obj),
+        "detail": {"source": "import_config", "before": before, "after": after},
+    }
 
 
 # --- Changes one at a time (the administrator's pages) ----------------------------------
@@ -366,11 +374,16 @@ def _deliveries(count: int) -> str:
     return f"{count} {'delivery' if count == 1 else 'deliveries'}"
 
 
+VERIFY_TIMEOUT = 5
+
+
 def verify_node(node_id: int) -> tuple[str, int]:
     """C-ECHO a node now, record the answer on it (last_echo_*) and audit it as
     ``routing.node.verified``. Returns ("" or the error, milliseconds it took)."""
     started = time.monotonic()
-    error = delivery.echo_node(node_id)
+    # Someone waits for the page, and a web worker that takes longer than gunicorn's 30 s
+    # is killed: each step of the echo gets at most a few seconds.
+    error = delivery.echo_node(node_id, timeout=VERIFY_TIMEOUT)
     ms = round((time.monotonic() - started) * 1000)
     with transaction.atomic():
         node = Node.objects.get(pk=node_id)

@@ -166,7 +166,9 @@ def record_delivered(delivery_ids: list[int], holder: str, now: datetime | None 
     mine = Q(status=DeliveryStatus.SENDING, claimed_by=holder)
     taken_back = Q(status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED])
     with transaction.atomic():
-        changed = Delivery.objects.filter(mine | taken_back, pk__in=delivery_ids).update(
+        rows = Delivery.objects.filter(mine | taken_back, pk__in=delivery_ids)
+        ids = sorted(rows.select_for_update().values_list("pk", flat=True))
+        changed = Delivery.objects.filter(pk__in=ids).update(
             status=DeliveryStatus.DELIVERED,
             delivered_at=now,
             last_error="",
@@ -176,8 +178,7 @@ def record_delivered(delivery_ids: list[int], holder: str, now: datetime | None 
             attempts=F("attempts") + 1,
         )
         if changed:
-            audit.record("delivery.delivered", node,
-                         {"count": changed, "deliveries": sorted(delivery_ids)})
+            audit.record("delivery.delivered", node, {"count": changed, "deliveries": ids})
     return changed
 
 
@@ -459,13 +460,14 @@ def run_routing_stage() -> None:
             logger.exception("%s failed during the sweep", name)
 
 
-def echo_node(node_id: int) -> str:
-    """C-ECHO one node and record the answer on it; returns "" on success, else the error."""
+def echo_node(node_id: int, timeout: float | None = None) -> str:
+    """C-ECHO one node and record the answer on it; returns "" on success, else the error.
+    ``timeout``: see :func:`scu.echo`."""
     node = Node.objects.filter(pk=node_id).first()
     if node is None:
         return f"no node {node_id}"
     dest = scu.Destination(node.name, node.ae_title, node.host, node.port)
-    error = scu.echo(dest, settings.DICOM_AE_TITLE)
+    error = scu.echo(dest, settings.DICOM_AE_TITLE, timeout)
     now = timezone.now()
     fields = {"last_echo_at": now, "last_echo_error": error}
     if not error:

@@ -9,6 +9,47 @@ was lost.
 from __future__ import annotations
 
 from django.db import models
+from django.db.models.functions import Coalesce
+
+
+class EchoState(models.TextChoices):
+    """What a node's last C-ECHO (Verify, or the periodic check) said."""
+
+    OK = "ok", "OK"
+    FAILED = "failed", "Failed"
+    NEVER = "never", "Never checked"
+
+
+class NodeQuerySet(models.QuerySet):
+    """``Node.objects``: nodes, and what the pages show about their deliveries."""
+
+    def with_activity(self) -> NodeQuerySet:
+        """The nodes with ``backlog`` (open deliveries), ``dead`` (given up) and
+        ``last_delivered_at``, of any age, in the same query: three subqueries per node, two on
+        the (node, status, next_attempt_at) index and one on the (node, delivered_at) index, so
+        the cost does not grow with the deliveries behind them."""
+        deliveries = Delivery.objects.filter(node=models.OuterRef("pk")).order_by()
+
+        def count(statuses: list[str]) -> Coalesce:
+            return Coalesce(
+                models.Subquery(
+                    deliveries.filter(status__in=statuses)
+                    .values("node")
+                    .annotate(n=models.Count("*"))  # from the index alone
+                    .values("n")
+                ),
+                0,
+            )
+
+        return self.annotate(
+            backlog=count(DeliveryStatus.open()),
+            dead=count([DeliveryStatus.DEAD]),
+            last_delivered_at=models.Subquery(
+                deliveries.filter(delivered_at__isnull=False)
+                .order_by("-delivered_at")
+                .values("delivered_at")[:1]
+            ),
+        )
 
 
 class Node(models.Model):
@@ -28,11 +69,21 @@ class Node(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = NodeQuerySet.as_manager()
+
     class Meta:
         ordering = ["name"]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+    @property
+    def echo_state(self) -> EchoState:
+        """The last C-ECHO's outcome. Every echo sets ``last_echo_at`` and ``last_echo_error``
+        (empty on success), so the error says whether the last one failed."""
+        if self.last_echo_at is None:
+            return EchoState.NEVER
+        return EchoState.FAILED if self.last_echo_error else EchoState.OK
 
 
 class MatchMode(models.TextChoices):

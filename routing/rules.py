@@ -472,6 +472,11 @@ def apply_coercions(dataset: Dataset, coerce: list) -> None:
 # --- Validation -------------------------------------------------------------------------
 
 
+# Rule.order is a PostgreSQL integer; rules are numbered 10, 20, 30..., so a million either
+# way is plenty and far from the column's limits.
+ORDER_MIN, ORDER_MAX = -1_000_000, 1_000_000
+
+
 def validate_rule(data: Mapping[str, Any], node_names: Iterable[str] | None = None) -> list[str]:
     """Every problem with a rule as the UI or a config file gives it, each prefixed with the
     field it is about (``"conditions[1].op: unknown operator 'equal'"``); empty when valid.
@@ -488,8 +493,9 @@ def validate_rule(data: Mapping[str, Any], node_names: Iterable[str] | None = No
         errors.append("name: required")
     elif len(name) > 100:
         errors.append("name: at most 100 characters")
-    if "order" in data and (not isinstance(data["order"], int) or isinstance(data["order"], bool)):
-        errors.append("order: must be an integer")
+    order = data.get("order", 0)
+    if not isinstance(order, int) or isinstance(order, bool) or not ORDER_MIN <= order <= ORDER_MAX:
+        errors.append(f"order: must be an integer from {ORDER_MIN} to {ORDER_MAX}")
     for flag in ("enabled", "stop"):
         if flag in data and not isinstance(data[flag], bool):
             errors.append(f"{flag}: must be true or false")

@@ -114,32 +114,35 @@ def plan_contexts(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return planned
 
 
-def _connect_error(dest: Destination) -> str:
+def _connect_error(dest: Destination, timeout: float = CONNECT_TIMEOUT) -> str:
     """Why TCP to the node failed. pynetdicom only logs it, so ask the socket once more."""
     try:
-        with socket.create_connection((dest.host, dest.port), timeout=CONNECT_TIMEOUT):
+        with socket.create_connection((dest.host, dest.port), timeout=timeout):
             pass
     except ConnectionRefusedError:
         return f"connection refused to {dest.host}:{dest.port}"
     except TimeoutError:
-        return f"no answer from {dest.host}:{dest.port} within {CONNECT_TIMEOUT} s"
+        return f"no answer from {dest.host}:{dest.port} within {timeout:g} s"
     except OSError as exc:
         return f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}"
     return f"{dest.name} at {dest.host}:{dest.port} closed the connection before answering"
 
 
-def _new_ae(calling_ae: str) -> AE:
+def _new_ae(calling_ae: str, timeout: float | None = None) -> AE:
+    """An AE with the sending timeouts, each cut to ``timeout`` seconds when given (someone
+    waits on the answer)."""
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ACSE_TIMEOUT
-    ae.dimse_timeout = DIMSE_TIMEOUT
-    ae.network_timeout = NETWORK_TIMEOUT
-    ae.connection_timeout = CONNECT_TIMEOUT
+    ae.acse_timeout = min(ACSE_TIMEOUT, timeout or ACSE_TIMEOUT)
+    ae.dimse_timeout = min(DIMSE_TIMEOUT, timeout or DIMSE_TIMEOUT)
+    ae.network_timeout = min(NETWORK_TIMEOUT, timeout or NETWORK_TIMEOUT)
+    ae.connection_timeout = min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT)
     ae.maximum_pdu_size = MAX_PDU
     return ae
 
 
-def _associate(dest: Destination, calling_ae: str, contexts: list):
-    ae = _new_ae(calling_ae)
+def _associate(dest: Destination, calling_ae: str, contexts: list,
+               timeout: float | None = None):
+    ae = _new_ae(calling_ae, timeout)
     opened: list[bool] = []
 
     def on_open(event) -> None:
@@ -161,7 +164,7 @@ def _associate(dest: Destination, calling_ae: str, contexts: list):
         reason = f"{rsp.reason_str} ({rsp.result_str.lower()}, {rsp.source_str})" if rsp else ""
         raise AssociationFailed(f"association rejected by {dest.name}: {reason}".rstrip(": "))
     if not opened:
-        raise AssociationFailed(_connect_error(dest))
+        raise AssociationFailed(_connect_error(dest, ae.connection_timeout))
     if assoc.is_aborted and assoc.acceptor.primitive is not None:
         # Accepted, then aborted by us: pynetdicom does that when no context was accepted.
         raise AssociationFailed(
@@ -295,10 +298,11 @@ class StoreAssociation:
         )
 
 
-def echo(dest: Destination, calling_ae: str) -> str:
-    """C-ECHO the node; return "" when it answered Success, else why not."""
+def echo(dest: Destination, calling_ae: str, timeout: float | None = None) -> str:
+    """C-ECHO the node; return "" when it answered Success, else why not. ``timeout`` bounds
+    each step (connect, associate, echo) for a person waiting on the answer."""
     try:
-        assoc = _associate(dest, calling_ae, [build_context(Verification)])
+        assoc = _associate(dest, calling_ae, [build_context(Verification)], timeout)
     except AssociationFailed as exc:
         return str(exc)
     try:

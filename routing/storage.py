@@ -350,10 +350,13 @@ def header_as_json(ds: Dataset) -> dict:
     """The top-level attributes rules can match, as JSON: keyword (or ``GGGGEEEE`` for tags
     without one) → string, or list of strings for multi-valued attributes. Binary, sequence
     and unknown-VR elements, values over 1 KB and values that do not decode are left out
-    (they stay in the stored file)."""
+    (they stay in the stored file): one broken element costs only itself."""
     header: dict = {}
-    for element in ds:
+    for tag in sorted(ds.keys()):
         try:
+            # Reading the element decodes it (pydicom reads values lazily), which raises for
+            # a garbled VR or length: iterating the dataset would fail the whole header.
+            element = ds[tag]
             if element.VR in SKIPPED_VRS:
                 continue
             value = element.value

@@ -1,6 +1,10 @@
-"""Django admin for superusers until the product pages (UI issue) exist."""
+"""Django's admin, for superusers: the product's pages are the way to work; here the tables
+the pages don't edit (stations, status mappings) and a raw view. Every change is audited;
+messages and queries are records and stay read-only."""
 
 from django.contrib import admin
+
+from gateway.audit import AuditedAdmin, ReadOnlyAdmin
 
 from .models import (
     HL7Message,
@@ -14,7 +18,7 @@ from .models import (
 
 
 @admin.register(Patient)
-class PatientAdmin(admin.ModelAdmin):
+class PatientAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ("patient_id", "issuer", "name", "birth_date", "sex", "merged_into")
     search_fields = ("patient_id", "name_key")
 
@@ -25,7 +29,7 @@ class ScheduledStepInline(admin.TabularInline):
 
 
 @admin.register(ImagingOrder)
-class ImagingOrderAdmin(admin.ModelAdmin):
+class ImagingOrderAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ("accession_number", "patient", "requested_procedure_description", "status")
     list_filter = ("status",)
     search_fields = ("accession_number", "placer_order_number", "filler_order_number")
@@ -35,7 +39,7 @@ class ImagingOrderAdmin(admin.ModelAdmin):
 
 
 @admin.register(ScheduledStep)
-class ScheduledStepAdmin(admin.ModelAdmin):
+class ScheduledStepAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ("sps_id", "modality", "station_ae_title", "start", "status", "order")
     list_filter = ("status", "modality")
     search_fields = ("sps_id", "station_ae_title", "order__accession_number")
@@ -44,17 +48,17 @@ class ScheduledStepAdmin(admin.ModelAdmin):
 
 
 @admin.register(Station)
-class StationAdmin(admin.ModelAdmin):
+class StationAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ("ae_title", "station_name", "modality", "location", "enabled")
 
 
 @admin.register(OrderStatusMapping)
-class OrderStatusMappingAdmin(admin.ModelAdmin):
+class OrderStatusMappingAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ("order_control", "order_status", "step_status")
 
 
 @admin.register(HL7Message)
-class HL7MessageAdmin(admin.ModelAdmin):
+class HL7MessageAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     list_display = ("received_at", "message_type", "control_id", "sending_application", "status")
     list_filter = ("status", "message_type")
     search_fields = ("control_id", "patient_id", "sending_application")
@@ -62,6 +66,6 @@ class HL7MessageAdmin(admin.ModelAdmin):
 
 
 @admin.register(WorklistQuery)
-class WorklistQueryAdmin(admin.ModelAdmin):
+class WorklistQueryAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     list_display = ("at", "calling_ae", "peer", "answers", "status")
     readonly_fields = [f.name for f in WorklistQuery._meta.fields]

@@ -90,6 +90,14 @@ def audit_list(request):
     })
 
 
+def _spreadsheet_safe(value):
+    """Text a spreadsheet would run as a formula (HL7 senders, AE titles and user names reach
+    the trail) is exported with a leading apostrophe."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 class _Echo:
     def write(self, value):
         return value
@@ -112,7 +120,7 @@ def audit_export(request):
             values = list(event)
             values[1] = values[1].isoformat()
             values[7] = json.dumps(values[7], sort_keys=True, ensure_ascii=False)
-            yield writer.writerow(values)
+            yield writer.writerow([_spreadsheet_safe(v) for v in values])
 
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")

@@ -1,8 +1,10 @@
-"""The dashboard: what happened in the last 24 hours, each node's health, and an hourly chart.
+"""The dashboard: what happened in the last 24 hours, the work still to do, each node's health,
+and an hourly chart.
 
 Every number links into the list that shows exactly the rows it counts (the lists' query-string
-filters), so ``since`` is cut to whole seconds and the same instant goes into the counts and the
-links. The page redraws itself from :func:`dashboard_data` (the same numbers as JSON) every few
+filters and their own names for pseudo statuses), so ``since`` is cut to whole seconds and the
+same instant goes into the counts and the links. The page redraws itself from
+:func:`dashboard_data` (the same numbers, and the charts' bars ready to place, as JSON) every few
 seconds. A handful of queries in all, each on an indexed column, none per node or per hour.
 """
 
@@ -10,21 +12,33 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import Count, OuterRef, Q, Subquery
-from django.db.models.functions import Coalesce, TruncHour
+from django.db.models import Count, Q
+from django.db.models.functions import TruncHour
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.dateformat import format as date_format
 
-from routing.models import Delivery, DeliveryStatus, Node, ReceivedInstance, ReceivedStudy
-from worklist.models import HL7Message, MessageStatus, ScheduledStep, StepStatus
+from routing.models import (
+    Delivery,
+    DeliveryStatus,
+    EchoState,
+    Node,
+    ReceivedInstance,
+    ReceivedStudy,
+)
+from routing.views.studies import OPEN as DELIVERIES_OPEN
+from worklist.hl7.service import REPROCESSABLE
+from worklist.models import HL7Message, ScheduledStep, StepStatus
+from worklist.views.messages import REFUSED
+from worklist.views.worklist import OPEN as STEPS_OPEN
 
 from ..web import VIEW, query_string, role_required
 
 WINDOW = timedelta(hours=24)
-REFUSED = [MessageStatus.ERROR, MessageStatus.REJECTED]
+# The delivery states the cards count whatever their age: the work still to do.
+WAITING = [*DeliveryStatus.open(), DeliveryStatus.DEAD]
 
 # The charts: which hourly series each draws, with the words for a bar's tooltip.
 CHARTS = [
@@ -33,7 +47,8 @@ CHARTS = [
     {"id": "hl7", "title": "HL7 messages per hour",
      "series": [("hl7", "HL7 messages received"), ("hl7_refused", "HL7 messages refused")]},
 ]
-# Chart geometry (pixels; the chart's width is 100 %, so x positions are percentages).
+# Chart geometry (pixels, app.css's .chart height; the chart's width is 100 %, so x positions
+# are percentages).
 CHART_HEIGHT, CHART_TOP, CHART_BOTTOM = 160, 6, 142
 
 
@@ -48,7 +63,8 @@ def _iso(value: datetime) -> str:
 
 def summary(now: datetime | None = None) -> dict:
     """Everything the dashboard shows, as plain JSON-able values: ``counts`` and ``links``
-    (by the same keys), ``nodes``, ``hours`` (one dict per hour, oldest first) and when."""
+    (by the same keys), ``nodes``, ``hours`` (one dict per hour, oldest first), ``charts``
+    (their bars placed) and when."""
     now = now or timezone.now()
     since = (now - WINDOW).replace(microsecond=0)
     hours = _hours(since, now)
@@ -60,7 +76,7 @@ def summary(now: datetime | None = None) -> dict:
         HL7Message.objects.filter(received_at__gte=since)
         .annotate(hour=TruncHour("received_at"))
         .values("hour")
-        .annotate(n=Count("id"), refused=Count("id", filter=Q(status__in=REFUSED)))
+        .annotate(n=Count("id"), refused=Count("id", filter=Q(status__in=REPROCESSABLE)))
         .order_by()
     )
     totals = {"hl7": 0, "hl7_refused": 0, "instances": 0}
@@ -88,15 +104,17 @@ def summary(now: datetime | None = None) -> dict:
     )
     for row in delivered:
         _add(by_hour, row["hour"], delivered=row["n"])
-    # The cards count deliveries decided in the window, by status: what the list shows with
-    # ?since= (on created_at).
-    by_status = dict(
-        Delivery.objects.filter(created_at__gte=since)
+    # The work still to do counts every delivery in its state, however old: yesterday's
+    # outage backlog and last week's dead ones too. COUNT(*), not of a column, so PostgreSQL
+    # answers from the (status, next_attempt_at) index alone.
+    waiting = dict(
+        Delivery.objects.filter(status__in=WAITING)
         .values("status")
-        .annotate(n=Count("id"))
+        .annotate(n=Count("*"))
         .order_by()
         .values_list("status", "n")
     )
+    delivered_recent = Delivery.objects.filter(delivered_at__gte=since).count()
     studies = ReceivedStudy.objects.filter(last_received_at__gte=since).count()
     worklist_open = ScheduledStep.objects.filter(status__in=StepStatus.on_worklist()).count()
 
@@ -106,24 +124,23 @@ def summary(now: datetime | None = None) -> dict:
         "worklist_open": worklist_open,
         "instances_received": totals["instances"],
         "studies_received": studies,
-        "deliveries_delivered": by_status.get(DeliveryStatus.DELIVERED, 0),
-        "deliveries_open": sum(by_status.get(s, 0) for s in DeliveryStatus.open()),
-        "deliveries_failed": by_status.get(DeliveryStatus.FAILED, 0),
-        "deliveries_dead": by_status.get(DeliveryStatus.DEAD, 0),
+        "deliveries_delivered": delivered_recent,
+        "deliveries_open": sum(waiting.get(s, 0) for s in DeliveryStatus.open()),
+        "deliveries_failed": waiting.get(DeliveryStatus.FAILED, 0),
+        "deliveries_dead": waiting.get(DeliveryStatus.DEAD, 0),
     }
     iso = _iso(since)
-    deliveries = reverse("delivery-list")
+    hl7_list, deliveries = reverse("hl7-list"), reverse("delivery-list")
     links = {
-        "hl7_received": reverse("hl7-list") + query_string(since=iso),
-        "hl7_refused": reverse("hl7-list") + query_string(status="refused", since=iso),
-        "worklist_open": reverse("worklist-list") + query_string(status="open"),
+        "hl7_received": hl7_list + query_string(since=iso),
+        "hl7_refused": hl7_list + query_string(status=REFUSED, since=iso),
+        "worklist_open": reverse("worklist-list") + query_string(status=STEPS_OPEN),
         "instances_received": reverse("study-list") + query_string(since=iso),
         "studies_received": reverse("study-list") + query_string(since=iso),
-        "deliveries_delivered": deliveries + query_string(status=DeliveryStatus.DELIVERED,
-                                                          since=iso),
-        "deliveries_open": deliveries + query_string(status="open", since=iso),
-        "deliveries_failed": deliveries + query_string(status=DeliveryStatus.FAILED, since=iso),
-        "deliveries_dead": deliveries + query_string(status=DeliveryStatus.DEAD, since=iso),
+        "deliveries_delivered": deliveries + query_string(delivered_since=iso),
+        "deliveries_open": deliveries + query_string(status=DELIVERIES_OPEN),
+        "deliveries_failed": deliveries + query_string(status=DeliveryStatus.FAILED),
+        "deliveries_dead": deliveries + query_string(status=DeliveryStatus.DEAD),
     }
     return {
         "generated_at": _iso(now),
@@ -134,8 +151,7 @@ def summary(now: datetime | None = None) -> dict:
         "links": links,
         "nodes": node_health(),
         "hours": [{**h, "start": _iso(h["start"])} for h in hours],
-        "charts": [{"id": c["id"], "title": c["title"], "series": [list(s) for s in c["series"]]}
-                   for c in CHARTS],
+        "charts": charts(hours),
     }
 
 
@@ -158,67 +174,43 @@ def _add(hours: dict[datetime, dict], start: datetime | None, **values: int) -> 
 
 
 def node_health() -> list[dict]:
-    """Each node: enabled, the last C-ECHO answer, the last delivery, the backlog (open
-    deliveries) and the dead ones, each with a link. One query, subqueries on the node's
-    indexes."""
-    deliveries = Delivery.objects.filter(node=OuterRef("pk")).order_by()
-
-    def count(statuses: list[str]) -> Coalesce:
-        return Coalesce(
-            Subquery(
-                deliveries.filter(status__in=statuses)
-                .values("node")
-                .annotate(n=Count("id"))
-                .values("n")
-            ),
-            0,
-        )
-
-    nodes = Node.objects.order_by("name").annotate(
-        backlog=count(DeliveryStatus.open()),
-        dead=count([DeliveryStatus.DEAD]),
-        last_delivered_at=Subquery(
-            deliveries.filter(delivered_at__isnull=False)
-            .order_by("-delivered_at")
-            .values("delivered_at")[:1]
-        ),
-    )
+    """Each node: enabled, its last C-ECHO (:attr:`routing.models.Node.echo_state`), the last
+    delivery, the backlog (open deliveries) and the dead ones, each with a link. One query
+    (:meth:`routing.models.NodeQuerySet.with_activity`)."""
     base = reverse("delivery-list")
     rows = []
-    for node in nodes:
-        echo_failed = bool(node.last_echo_error) and (
-            node.last_echo_ok_at is None
-            or (node.last_echo_at is not None and node.last_echo_at > node.last_echo_ok_at)
-        )
+    for node in Node.objects.with_activity():
+        failed = node.echo_state == EchoState.FAILED
         rows.append({
             "id": node.pk,
             "name": node.name,
             "address": f"{node.ae_title}@{node.host}:{node.port}",
             "enabled": node.enabled,
-            "echo_ok": not echo_failed and node.last_echo_ok_at is not None,
-            "echo_failed": echo_failed,
+            "echo_state": node.echo_state,
+            "last_echo": _when(node.last_echo_at),
             "last_echo_ok": _when(node.last_echo_ok_at),
-            "last_echo_error": node.last_echo_error if echo_failed else "",
+            "last_echo_error": node.last_echo_error if failed else "",
             "last_delivered": _when(node.last_delivered_at),
             "backlog": node.backlog,
             "dead": node.dead,
             "url": base + query_string(node=node.pk),
-            "backlog_url": base + query_string(node=node.pk, status="open"),
+            "backlog_url": base + query_string(node=node.pk, status=DELIVERIES_OPEN),
             "dead_url": base + query_string(node=node.pk, status=DeliveryStatus.DEAD),
             "delivered_url": base + query_string(node=node.pk, status=DeliveryStatus.DELIVERED),
         })
     return rows
 
 
-def charts(data: dict) -> list[dict]:
-    """The bars of each chart for the first render (the page's script draws the same from the
-    JSON): x and width in percent, y and height in pixels."""
-    hours = data["hours"]
+def charts(hours: list[dict]) -> list[dict]:
+    """Each chart of :data:`CHARTS` ready to place, for the first render and for the page's
+    script alike: its ``bars`` (x and width in percent of the chart's width, y and height in
+    pixels, the series' index and a tooltip), the hour labels under them (``ticks``), the
+    ``baseline`` and the ``peak`` the bars are scaled to."""
     drawn = []
-    for chart in data["charts"]:
+    slot = 100 / max(len(hours), 1)
+    for chart in CHARTS:
         keys = [key for key, _ in chart["series"]]
         peak = max([h[key] for h in hours for key in keys] + [0])
-        slot = 100 / max(len(hours), 1)
         width = slot * 0.8 / len(keys)
         bars, ticks = [], []
         for i, hour in enumerate(hours):
@@ -234,8 +226,13 @@ def charts(data: dict) -> list[dict]:
                     "title": f"{hour['label']}: {value} {words}",
                 })
             if (len(hours) - 1 - i) % 3 == 0:  # every third hour, back from the current one
-                ticks.append({**_tick(i, len(hours), slot), "label": hour["label"]})
-        drawn.append({**chart, "bars": bars, "ticks": ticks, "peak": peak})
+                ticks.append({**_tick(i, len(hours), slot), "y": CHART_HEIGHT - 4,
+                              "label": hour["label"]})
+        drawn.append({
+            "id": chart["id"], "title": chart["title"],
+            "series": [list(s) for s in chart["series"]],
+            "baseline": CHART_BOTTOM, "peak": peak, "bars": bars, "ticks": ticks,
+        })
     return drawn
 
 
@@ -250,11 +247,7 @@ def _tick(i: int, count: int, slot: float) -> dict:
 
 @role_required(VIEW)
 def dashboard(request: HttpRequest) -> HttpResponse:
-    data = summary()
-    return render(request, "gateway/dashboard.html", {
-        "title": "Dashboard", "data": data, "charts": charts(data),
-        "height": CHART_HEIGHT, "bottom": CHART_BOTTOM, "top": CHART_TOP,
-    })
+    return render(request, "gateway/dashboard.html", {"title": "Dashboard", "data": summary()})
 
 
 @role_required(VIEW)

@@ -13,18 +13,15 @@ from collections.abc import Iterable
 from django import forms
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from gateway.web import CONFIGURE, OPERATE, VIEW, can, role_required
+from gateway.web import CONFIGURE, OPERATE, VIEW, can, redirect_back, role_required
 
 from .. import config
-from ..models import Delivery, DeliveryStatus, Node
+from ..models import Node
 
 
 class NodeForm(forms.Form):
@@ -68,30 +65,9 @@ def add_problems(form: forms.Form, problems: Iterable[str]) -> None:
             form.add_error(None, problem)
 
 
-def with_activity(nodes: QuerySet[Node]) -> QuerySet[Node]:
-    """Nodes with ``backlog`` (open deliveries) and ``last_delivered_at``, in the one query:
-    two subqueries per node, one on the (node, status, next_attempt_at) index, one on the
-    (node, delivered_at) index, so the cost does not grow with the deliveries behind them."""
-    backlog = (
-        Delivery.objects.filter(node=OuterRef("pk"), status__in=DeliveryStatus.open())
-        .order_by()
-        .values("node")
-        .annotate(n=Count("pk"))
-        .values("n")
-    )
-    last_delivered = (
-        Delivery.objects.filter(node=OuterRef("pk"), delivered_at__isnull=False)
-        .order_by("-delivered_at")
-        .values("delivered_at")[:1]
-    )
-    return nodes.annotate(
-        backlog=Coalesce(Subquery(backlog), 0), last_delivered_at=Subquery(last_delivered)
-    )
-
-
 @role_required(VIEW)
 def node_list(request: HttpRequest) -> HttpResponse:
-    nodes = with_activity(Node.objects.order_by("name"))
+    nodes = Node.objects.with_activity()
     return render(request, "routing/node_list.html", {"title": "Nodes", "nodes": nodes})
 
 
@@ -112,7 +88,7 @@ def node_create(request: HttpRequest) -> HttpResponse:
 
 @role_required(VIEW)
 def node_edit(request: HttpRequest, pk: int) -> HttpResponse:
-    node = get_object_or_404(with_activity(Node.objects.all()), pk=pk)
+    node = get_object_or_404(Node.objects.with_activity(), pk=pk)
     editable = can(request.user, CONFIGURE)
     if request.method == "POST":
         if not editable:
@@ -169,7 +145,7 @@ def node_toggle(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.success(request, f"Node {node.name} disabled: deliveries to it wait until "
                          "it is enabled again.")
-    return _back(request, reverse("node-list"))
+    return redirect_back(request, reverse("node-list"))
 
 
 @role_required(OPERATE)
@@ -181,13 +157,4 @@ def node_verify(request: HttpRequest, pk: int) -> HttpResponse:
         messages.error(request, f"C-ECHO to {node.name} failed: {error}")
     else:
         messages.success(request, f"C-ECHO to {node.name} succeeded in {ms} ms")
-    return _back(request, reverse("node-list"))
-
-
-def _back(request: HttpRequest, default: str) -> HttpResponse:
-    """To the page the button was on (``next``), when it is one of ours."""
-    target = request.POST.get("next", "")
-    if target and url_has_allowed_host_and_scheme(target, {request.get_host()},
-                                                  require_https=request.is_secure()):
-        return redirect(target)
-    return redirect(default)
+    return redirect_back(request, reverse("node-list"))

@@ -35,6 +35,7 @@ from ..routing import facts_for
 from ..rules import (
     COERCE_ACTIONS,
     OPERATORS,
+    ORDER_MAX,
     Attribute,
     Facts,
     RuleError,
@@ -248,7 +249,8 @@ class RuleEditor:
             initial["destinations"] = [n.name for n in rule.destinations.all()]
         else:
             highest = Rule.objects.aggregate(top=Max("order"))["top"]
-            initial = {"order": 10 if highest is None else highest + 10, "enabled": True,
+            initial = {"order": 10 if highest is None else min(highest + 10, ORDER_MAX),
+                       "enabled": True,
                        "match": MatchMode.ALL, "mode": RoutingMode.INSTANCE,
                        "study_quiet_seconds": 60}
         conditions = [
@@ -392,13 +394,19 @@ def rule_move(request: HttpRequest, pk: int) -> HttpResponse:
 # --- Test ---------------------------------------------------------------------------------
 
 
+# Test reads the uploaded file whole (headers only, but the upload itself is kept): a
+# generous bound for one instance, checked before pydicom sees it.
+MAX_TEST_FILE_BYTES = 64 * 1024 * 1024
+
+
 class TryForm(forms.Form):
     """What Test tries the rule on, besides the last received instances: a DICOM file, seen
     as if it came from this association."""
 
     dicom_file = forms.FileField(
         label="DICOM file", required=False,
-        help_text="Optional: a file to try the rule on; nothing is stored or sent.",
+        help_text="Optional: a file to try the rule on (at most 64 MB); nothing is stored or "
+        "sent.",
     )
     calling_ae = forms.CharField(label="Calling AE", required=False, max_length=16,
                                  help_text="For the file: the AE title it came from.")
@@ -408,6 +416,10 @@ class TryForm(forms.Form):
     def clean_dicom_file(self):
         upload = self.cleaned_data.get("dicom_file")
         if upload:
+            if upload.size > MAX_TEST_FILE_BYTES:
+                raise forms.ValidationError(
+                    f"This file is {upload.size / 1024 / 1024:.0f} MB; Test takes files of at "
+                    f"most {MAX_TEST_FILE_BYTES // 1024 // 1024} MB.")
             self.cleaned_data["dataset"] = read_dicom(upload)
         return upload
 
@@ -415,7 +427,9 @@ class TryForm(forms.Form):
 def read_dicom(upload) -> Dataset:
     """An uploaded file as a dataset (header only), or a ValidationError that says why not.
     Files without the DICM preamble are read too, as the storage SCP would; what comes out
-    must still have a SOP Class and Instance UID to count as DICOM."""
+    must still have a SOP Class and Instance UID to count as DICOM. pydicom decodes values
+    lazily, so every element (in sequences too) is decoded here: a garbled one is reported
+    on the form rather than failing the rule's test later."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -427,6 +441,13 @@ def read_dicom(upload) -> Dataset:
     if not all(uids):
         raise forms.ValidationError(
             "This is not a DICOM file: it has no SOP Class UID and SOP Instance UID.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for element in ds.iterall():
+                str(element.value)
+    except Exception as exc:
+        raise forms.ValidationError(f"This DICOM file could not be read: {exc}.") from None
     return ds
 
 
@@ -514,7 +535,8 @@ def _value(ds: Dataset, tag: int) -> str:
 def rule_test(request: HttpRequest) -> HttpResponse:
     """Re-render the editor with its unsaved contents and what the rule would match."""
     rule_id = request.POST.get("rule", "")
-    rule = get_object_or_404(Rule, pk=rule_id) if rule_id.isdigit() else None
+    # The rule being edited, if any (str.isdigit() would also take "²").
+    rule = get_object_or_404(Rule, pk=rule_id) if re.fullmatch(r"[0-9]+", rule_id) else None
     editor = RuleEditor(request.POST, rule=rule)
     test_form = TryForm(request.POST, request.FILES)
     valid = editor.is_valid()

@@ -14,12 +14,19 @@ from django import forms
 from django.contrib import messages
 from django.db.models import Count, Max, Prefetch, Q
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from gateway.web import OPERATE, VIEW, Pager, parse_when, query_string, role_required
+from gateway.web import (
+    OPERATE,
+    VIEW,
+    Pager,
+    parse_when,
+    query_string,
+    redirect_back,
+    role_required,
+)
 
 from .. import delivery
 from ..models import (
@@ -109,6 +116,8 @@ class DeliveryFilters(forms.Form):
                  *DeliveryStatus.choices],
     )
     since = forms.CharField(required=False, label="Created since", widget=_when_input())
+    delivered_since = forms.CharField(required=False, label="Delivered since",
+                                      widget=_when_input())
     study = forms.IntegerField(
         required=False, min_value=1, label="Study",
         widget=forms.NumberInput(attrs={"placeholder": "study id", "style": "width:7em"}),
@@ -116,6 +125,9 @@ class DeliveryFilters(forms.Form):
 
     def clean_since(self):
         return parse_when(self.cleaned_data["since"])
+
+    def clean_delivered_since(self):
+        return parse_when(self.cleaned_data["delivered_since"])
 
 
 def filtered_deliveries(filters: DeliveryFilters):
@@ -132,6 +144,8 @@ def filtered_deliveries(filters: DeliveryFilters):
         deliveries = deliveries.filter(status=data["status"])
     if data["since"]:
         deliveries = deliveries.filter(created_at__gte=data["since"])
+    if data["delivered_since"]:
+        deliveries = deliveries.filter(delivered_at__gte=data["delivered_since"])
     if data["study"]:
         deliveries = deliveries.filter(instance__study_id=data["study"])
     return deliveries
@@ -285,16 +299,6 @@ def _enqueue(node_id: int) -> None:
     enqueue_nodes([node_id])
 
 
-def _back(request: HttpRequest, default: str) -> HttpResponse:
-    """Back to the page the form was on (``next``, same host only), else ``default``."""
-    target = request.POST.get("next", "")
-    if target and url_has_allowed_host_and_scheme(
-        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    ):
-        return redirect(target)
-    return redirect(default)
-
-
 def _deliveries(n: int) -> str:
     return f"{n} {'delivery' if n == 1 else 'deliveries'}"
 
@@ -311,7 +315,7 @@ def delivery_retry(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.warning(request, f"Delivery {pk} was not retried: it is "
                                   f"{row.get_status_display().lower()}.")
-    return _back(request, reverse("delivery-list"))
+    return redirect_back(request, reverse("delivery-list"))
 
 
 @role_required(OPERATE)
@@ -324,7 +328,7 @@ def delivery_abandon(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.warning(request, f"Delivery {pk} was not abandoned: it is "
                                   f"{row.get_status_display().lower()}.")
-    return _back(request, reverse("delivery-list"))
+    return redirect_back(request, reverse("delivery-list"))
 
 
 @role_required(OPERATE)
@@ -343,4 +347,4 @@ def node_retry_failed(request: HttpRequest, pk: int) -> HttpResponse:
                                   "dead: press “Retry all failed” again for them.")
     elif not retried:
         messages.info(request, f"No failed or dead deliveries to {node.name} to retry.")
-    return _back(request, reverse("delivery-list") + query_string(node=node.pk))
+    return redirect_back(request, reverse("delivery-list") + query_string(node=node.pk))

@@ -1,16 +1,22 @@
-"""Rule evaluation and coercion as pure functions: no database, no network."""
+"""Rule evaluation and coercion as pure functions: no database, no network (but for one
+check that a configuration import refuses what validate_rule refuses)."""
 
 from __future__ import annotations
 
 from copy import deepcopy
 from dataclasses import dataclass, field
+from io import BytesIO
 
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from routing.config import ConfigError, import_config
+from routing.models import Rule
 from routing.rules import (
+    ORDER_MAX,
+    ORDER_MIN,
     Facts,
     RuleError,
     apply_coercions,
@@ -21,6 +27,7 @@ from routing.rules import (
     validate_rule,
     wildcard_to_regex,
 )
+from routing.storage import header_as_json
 
 HEADER = {
     "Modality": "CT",
@@ -270,6 +277,47 @@ def test_validate_rule_accepts_a_good_rule():
     assert validate_rule({"name": "CT", "conditions": [CT], "destinations": ["pacs1"],
                           "coerce": [{"attribute": "InstitutionName", "action": "set",
                                       "value": "General"}]}, {"pacs1"}) == []
+
+
+@pytest.mark.parametrize("order,refused", [
+    (3_000_000_000, True), (-3_000_000_000, True), (ORDER_MAX + 1, True), (ORDER_MIN - 1, True),
+    (ORDER_MAX, False), (ORDER_MIN, False), (0, False),
+])
+def test_the_order_must_fit_the_bounds(order, refused):
+    problems = validate_rule({"name": "CT", "order": order})
+    assert problems == (["order: must be an integer from -1000000 to 1000000"] if refused
+                        else [])
+
+
+@pytest.mark.django_db
+def test_an_import_refuses_an_order_the_database_cannot_hold():
+    # 3,000,000,000 overflows PostgreSQL's integer column: refused before saving anything.
+    with pytest.raises(ConfigError) as refused:
+        import_config({"rules": [{"name": "CT", "order": 3_000_000_000}]})
+
+    assert refused.value.problems == [
+        "rules[0].order: must be an integer from -1000000 to 1000000"]
+    assert not Rule.objects.exists()
+
+
+# --- the header rules see -------------------------------------------------------------
+
+
+def test_an_element_that_does_not_decode_is_left_out_of_the_header_alone():
+    with open(get_testdata_file("CT_small.dcm"), "rb") as f:
+        raw = f.read()  # explicit VR little endian
+    at = raw.index(b"\x09\x00\x01\x10") + 4  # private (0009,1001), LO
+    broken = dcmread(BytesIO(raw[:at] + b"ZZ" + raw[at + 2:]), stop_before_pixels=True)
+    intact = dcmread(BytesIO(raw), stop_before_pixels=True)
+
+    header = header_as_json(broken)
+
+    expected = header_as_json(intact)
+    assert expected.pop("00091001") == "GE_GENESIS_FF"
+    assert header == expected
+    assert header["Modality"] == "CT" and header["PatientID"] == "1CT1"
+    facts = Facts(header, ASSOCIATION)
+    assert parse_condition({"attribute": "(0009,1001)", "op": "missing"}).matches(facts)
 
 
 # --- coercions ------------------------------------------------------------------------

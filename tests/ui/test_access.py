@@ -81,7 +81,39 @@ def test_repeated_failures_lock_the_user_out_even_with_the_right_password(settin
     assert response.status_code == 429
     assert "Too many failed sign-ins" in response.content.decode()
     assert "_auth_user_id" not in client.session
+    client.post(reverse("login"), {"username": "ada", "password": PASSWORD})
     assert AuditEvent.objects.filter(action="auth.login_throttled").count() == 1
+
+
+def test_failures_from_one_address_do_not_lock_the_user_out_elsewhere(settings):
+    settings.LOGIN_FAILURE_LIMIT = 3
+    make_user("ada", "Administrators")
+    attacker = Client(REMOTE_ADDR="203.0.113.9")
+    for _ in range(3):
+        attacker.post(reverse("login"), {"username": "ada", "password": "nope"})
+    assert attacker.post(reverse("login"), {"username": "ada",
+                                            "password": PASSWORD}).status_code == 429
+    response = Client(REMOTE_ADDR="10.1.2.3").post(reverse("login"),
+                                                   {"username": "ada", "password": PASSWORD})
+    assert response.status_code == 302
+
+
+def test_an_address_trying_many_names_is_refused(settings):
+    settings.LOGIN_FAILURE_LIMIT = 2
+    make_user("ada", "Administrators")
+    client = Client(REMOTE_ADDR="203.0.113.9")
+    for n in range(8):
+        client.post(reverse("login"), {"username": f"guess{n}", "password": "nope"})
+    assert client.post(reverse("login"), {"username": "ada",
+                                          "password": PASSWORD}).status_code == 429
+
+
+def test_behind_the_tls_proxy_the_browser_address_is_the_one_the_proxy_appended(settings):
+    settings.BEHIND_TLS_PROXY = True
+    make_user("ada", "Administrators")
+    Client(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="1.2.3.4, 198.51.100.7").post(
+        reverse("login"), {"username": "ada", "password": "nope"})
+    assert AuditEvent.objects.get(action="auth.login_failed").detail["ip"] == "198.51.100.7"
 
 
 def test_logout_is_a_post_and_is_audited(client_as):
@@ -90,3 +122,17 @@ def test_logout_is_a_post_and_is_audited(client_as):
     assert response.status_code == 302
     assert AuditEvent.objects.filter(action="auth.logout", actor="user:audrey").exists()
     assert client.get(reverse("dashboard")).status_code == 302
+
+
+def test_an_idle_session_is_signed_out_but_the_dashboard_refresh_does_not_keep_it(
+        client_as, settings):
+    settings.SESSION_IDLE_MINUTES = 30
+    client = client_as("operator")
+    assert client.get(reverse("worklist-list")).status_code == 200
+    session = client.session
+    session["gateway_last_activity"] -= 31 * 60
+    session.save()
+    assert client.get(reverse("dashboard-data")).status_code == 302  # refreshes don't count
+    response = client.get(reverse("worklist-list"))
+    assert response.status_code == 302 and response["Location"].startswith(reverse("login"))
+    assert AuditEvent.objects.filter(action="auth.logout", detail__idle=True).exists()

@@ -37,7 +37,9 @@ def test_each_event_hash_follows_from_the_one_before():
     first, second, third = AuditEvent.objects.order_by("id")
     assert first.hash == audit.chain_hash(audit.GENESIS, first.__dict__)
     assert third.hash == audit.chain_hash(second.hash, third.__dict__)
-    assert "intact: 3 events" in _verify_output()
+    output = _verify_output()
+    assert "intact: 3 events" in output
+    assert f"Last event {third.id} " in output and third.hash in output
 
 
 def test_postgresql_refuses_to_update_or_delete_an_event():
@@ -138,6 +140,7 @@ def test_filters_narrow_the_list(client_as):
 def test_the_list_pages_with_a_constant_number_of_queries(client_as,
                                                           django_assert_max_num_queries):
     client = client_as("auditor")
+    client.get(reverse("dashboard"))  # the session notes its first activity once
     _events(1)
     with django_assert_max_num_queries(6):
         client.get(reverse("audit-list"))
@@ -171,3 +174,20 @@ def test_csv_export_holds_the_filtered_events_and_is_itself_audited(client_as):
     assert rows[1][7] == '{"x": 1}'
     exported = AuditEvent.objects.get(action="audit.exported")
     assert exported.actor == "user:audrey" and exported.detail["filters"] == {"action": "routing"}
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_exported_as_text(client_as):
+    audit.record("hl7.message.received", None, {}, actor="hl7:=HYPERLINK(\"http://x\")")
+    audit.record("test.formula", None, {}, actor="=1+1")
+    response = client_as("auditor").get(reverse("audit-export"), {"action": "test.formula"})
+    rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert rows[1][2] == "'=1+1"
+
+
+@pytest.mark.parametrize("page", ["999999999999999999999", "abc", "-4"])
+def test_any_page_number_gives_a_page(client_as, page):
+    _events(3)
+    response = client_as("auditor").get(reverse("audit-list"), {"page": page})
+    assert response.status_code == 200
+    if page.startswith("9"):
+        assert "Pages stop at 2000" in response.content.decode()

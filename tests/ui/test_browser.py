@@ -125,6 +125,8 @@ def test_an_administrator_runs_the_gateway_from_the_browser(start_gateway, start
     with hl7.client.MLLPClient("127.0.0.1", gateway.hl7_port) as client:
         assert "MSA|AA|UI-E2E-1" in client.send_message(ORDER).decode()
     page.get_by_role("link", name="Worklist", exact=True).click()
+    page.get_by_label("Patient").fill("browser")
+    page.get_by_role("button", name="Filter").click()
     expect(page.get_by_text("BROWSER^BETTY")).to_be_visible()
     shot(page, "worklist")
     page.get_by_role("link", name="HL7 messages").click()
@@ -190,3 +192,5 @@ def test_an_administrator_runs_the_gateway_from_the_browser(start_gateway, start
     page.get_by_role("button", name="Log out").click()
     expect(page).to_have_url(re.compile(r"/login/"))
     assert not page.console_errors
+    # The pages were filtered by patient name; no process of the gateway logged it.
+    assert "?patient=" not in gateway.output() and "BROWSER" not in gateway.output().upper()

@@ -1,5 +1,6 @@
-"""The dashboard: the last 24 hours' numbers, each a link into the list of exactly what it counts,
-the same numbers as JSON for the page's self-update, node health, and the hourly chart."""
+"""The dashboard: the last 24 hours' numbers and the work still to do, each a link into the list
+of exactly what it counts, the same numbers as JSON for the page's self-update, node health, and
+the hourly chart."""
 
 from __future__ import annotations
 
@@ -68,11 +69,14 @@ def activity():
     make_delivery_row(pacs2, recent[1], status=DeliveryStatus.FAILED, last_error="refused")
     make_delivery_row(pacs2, recent[2], status=DeliveryStatus.DEAD, last_error="refused")
     make_delivery_row(pacs1, recent[2], status=DeliveryStatus.ABANDONED)
-    # Older than the window: not counted in the cards, but still part of the backlog.
-    make_delivery_row(pacs2, old, status=DeliveryStatus.DEAD, created_at=now - LONG_AGO)
+    # Older than the window: still work to do (dead two days ago, yesterday's failed one),
+    # delivered long ago, and yesterday's backlog delivered just now.
+    make_delivery_row(pacs2, old, status=DeliveryStatus.DEAD, created_at=now - 2 * LONG_AGO)
     make_delivery_row(pacs2, old, status=DeliveryStatus.FAILED, created_at=now - LONG_AGO)
     make_delivery_row(pacs1, old, status=DeliveryStatus.DELIVERED, created_at=now - LONG_AGO,
                       delivered_at=now - LONG_AGO)
+    make_delivery_row(pacs1, old, status=DeliveryStatus.DELIVERED, created_at=now - LONG_AGO,
+                      delivered_at=now)
     return {"pacs1": pacs1, "pacs2": pacs2, "study": study}
 
 
@@ -82,10 +86,10 @@ EXPECTED = {
     "worklist_open": 4,
     "instances_received": 3,
     "studies_received": 1,
-    "deliveries_delivered": 2,
-    "deliveries_open": 3,
-    "deliveries_failed": 1,
-    "deliveries_dead": 1,
+    "deliveries_delivered": 3,  # delivered in the window, yesterday's backlog sent just now too
+    "deliveries_open": 4,  # PENDING, SENDING, FAILED and yesterday's FAILED
+    "deliveries_failed": 2,
+    "deliveries_dead": 2,  # today's and the one from two days ago
 }
 
 
@@ -100,7 +104,7 @@ def test_every_role_sees_the_dashboard_and_its_data(client_as, role):
     assert data.status_code == 200 and data["Content-Type"] == "application/json"
 
 
-def test_the_numbers_count_the_last_24_hours(client_as, activity):
+def test_the_numbers_count_the_last_24_hours_and_all_the_work_still_to_do(client_as, activity):
     data = client_as("auditor").get(DATA).json()
 
     assert data["counts"] == EXPECTED
@@ -129,11 +133,10 @@ def test_each_number_links_to_the_list_of_what_it_counts(client_as, activity):
     assert query("hl7_refused") == ("/hl7/", {"status": "refused", "since": since})
     assert query("worklist_open") == ("/worklist/", {"status": "open"})
     assert query("instances_received") == ("/studies/", {"since": since})
-    assert query("deliveries_delivered") == ("/deliveries/", {"status": "DELIVERED",
-                                                              "since": since})
-    assert query("deliveries_open") == ("/deliveries/", {"status": "open", "since": since})
-    assert query("deliveries_failed") == ("/deliveries/", {"status": "FAILED", "since": since})
-    assert query("deliveries_dead") == ("/deliveries/", {"status": "DEAD", "since": since})
+    assert query("deliveries_delivered") == ("/deliveries/", {"delivered_since": since})
+    assert query("deliveries_open") == ("/deliveries/", {"status": "open"})
+    assert query("deliveries_failed") == ("/deliveries/", {"status": "FAILED"})
+    assert query("deliveries_dead") == ("/deliveries/", {"status": "DEAD"})
     ago = timezone.now() - timezone.datetime.fromisoformat(since)
     assert timedelta(hours=24) <= ago < timedelta(hours=24, seconds=30)
 
@@ -174,17 +177,63 @@ def test_the_studies_link_lists_the_studies_received_in_the_window(client_as, ac
     assert f'<tr id="study-{activity["study"].pk}"' in listed
 
 
+def test_dead_and_failed_deliveries_count_however_old_they_are(client_as):
+    """Yesterday's outage backlog and a delivery that went dead two days ago are still work to
+    do: the cards count them and their links list them."""
+    now = timezone.now()
+    node = make_node(name="PACS1", port=10401)
+    for _ in range(3):
+        make_delivery_row(node, status=DeliveryStatus.FAILED, created_at=now - LONG_AGO)
+    make_delivery_row(node, status=DeliveryStatus.DEAD, created_at=now - 2 * LONG_AGO)
+    client = client_as("operator")
+
+    data = client.get(DATA).json()
+    page = client.get(PAGE).content.decode()
+
+    counts = data["counts"]
+    assert (counts["deliveries_open"], counts["deliveries_failed"],
+            counts["deliveries_dead"]) == (3, 3, 1)
+    assert counts["deliveries_delivered"] == 0
+    for key in ("deliveries_open", "deliveries_failed", "deliveries_dead"):
+        listed = client.get(data["links"][key]).content.decode()
+        assert listed.count('<tr id="delivery-') == counts[key]
+    assert 'class="card alert" data-alert="deliveries_dead"' in page
+    assert 'class="card alert" data-alert="deliveries_failed"' in page
+
+
+def test_the_delivered_card_counts_what_reached_its_node_in_the_window(client_as, activity):
+    page = client_as("auditor").get(PAGE).content.decode()
+
+    card = page[page.index('data-link="deliveries_delivered"'):]
+    card = card[:card.index("</div>")]
+    assert f">{EXPECTED['deliveries_delivered']}</span> deliveries delivered" in card
+    assert "Open, failed and dead count every delivery now in that state" in page
+    assert "Delivered counts what reached its node in the last 24 hours" in page
+
+
+def test_a_node_never_echoed_says_so(client_as):
+    make_node(name="PACS1", port=10401)
+    client = client_as("auditor")
+
+    [node] = client.get(DATA).json()["nodes"]
+    page = client.get(PAGE).content.decode()
+
+    assert (node["echo_state"], node["last_echo"], node["last_echo_error"]) == ("never", "", "")
+    assert '<span class="muted">never checked</span>' in page
+
+
 def test_node_health_shows_echo_last_delivery_backlog_and_dead(client_as, activity):
     pacs1, pacs2 = activity["pacs1"], activity["pacs2"]
     nodes = {n["name"]: n for n in client_as("auditor").get(DATA).json()["nodes"]}
 
     one, two = nodes["PACS1"], nodes["PACS2"]
-    assert (one["enabled"], one["echo_ok"], one["echo_failed"]) == (True, True, False)
-    assert (two["enabled"], two["echo_ok"], two["echo_failed"]) == (False, False, True)
+    assert (one["enabled"], one["echo_state"]) == (True, "ok")
+    assert (two["enabled"], two["echo_state"]) == (False, "failed")
     assert two["last_echo_error"] == "connection refused to 127.0.0.1:10402"
     assert one["last_delivered"] and not two["last_delivered"]
     assert (one["backlog"], one["dead"]) == (1, 0)  # PENDING
     assert (two["backlog"], two["dead"]) == (3, 2)  # SENDING, FAILED, the old FAILED; any age
+    assert two["last_echo_ok"] and two["last_echo"] != two["last_echo_ok"]
     base = reverse("delivery-list")
     assert two["backlog_url"] == f"{base}?{urlencode({'node': pacs2.pk, 'status': 'open'})}"
     assert two["dead_url"] == f"{base}?{urlencode({'node': pacs2.pk, 'status': 'DEAD'})}"
@@ -208,10 +257,11 @@ def test_the_hourly_chart_counts_instances_deliveries_and_messages_per_hour(clie
     hours = data["hours"]
 
     assert 24 <= len(hours) <= 25
-    assert hours[-1]["instances"] == 3 and hours[-1]["delivered"] == 2
+    assert hours[-1]["instances"] == 3 and hours[-1]["delivered"] == 3
     assert hours[-1]["hl7"] == 5 and hours[-1]["hl7_refused"] == 2
     assert sum(h["instances"] for h in hours) == 3  # the old one is outside the window
-    assert sum(h["delivered"] for h in hours) == 2
+    # By when they were delivered: yesterday's backlog delivered just now too.
+    assert sum(h["delivered"] for h in hours) == 3
     starts = [timezone.datetime.fromisoformat(h["start"]) for h in hours]
     assert all(b - a == timedelta(hours=1) for a, b in zip(starts, starts[1:], strict=False))
 
@@ -224,9 +274,28 @@ def test_the_chart_is_drawn_on_the_server_as_svg(client_as, activity):
     assert '<svg class="chart" id="chart-images"' in page
     assert '<svg class="chart" id="chart-hl7"' in page
     assert f"<title>{label}: 3 instances received</title>" in page
-    assert f"<title>{label}: 2 deliveries delivered</title>" in page
+    assert f"<title>{label}: 3 deliveries delivered</title>" in page
     assert f"<title>{label}: 2 HL7 messages refused</title>" in page
     assert page.count("<rect ") == len(hours) * 4
+
+
+def test_the_bars_are_placed_once_on_the_server_and_sent_with_the_data(client_as, activity):
+    client = client_as("auditor")
+    page = client.get(PAGE).content.decode()
+    charts = {c["id"]: c for c in client.get(DATA).json()["charts"]}
+
+    images = charts["images"]
+    tallest = max(images["bars"], key=lambda b: b["height"])
+    assert tallest["title"].endswith(": 3 instances received") and images["peak"] == 3
+    assert tallest["y"] + tallest["height"] == images["baseline"]
+    for chart in charts.values():
+        for bar in chart["bars"]:  # the page draws exactly the bars the script is sent
+            assert (f'<rect class="s{bar["series"]}" x="{bar["x"]}%" y="{bar["y"]}" '
+                    f'width="{bar["width"]}%" height="{bar["height"]}"><title>{bar["title"]}'
+                    "</title></rect>") in page
+        for tick in chart["ticks"]:
+            assert (f'<text x="{tick["x"]}%" y="{tick["y"]}" text-anchor="{tick["anchor"]}">'
+                    f'{tick["label"]}</text>') in page
 
 
 def test_the_page_updates_itself_from_its_own_script(client_as):
@@ -236,29 +305,32 @@ def test_the_page_updates_itself_from_its_own_script(client_as):
     assert f'data-url="{DATA}"' in page
     script = open(finders.find("gateway/dashboard.js")).read()
     assert "fetch(" in script and "setInterval" in script and "innerHTML" not in script
+    assert "Math.max" not in script and "slot" not in script  # it places, it does not compute
 
 
 def test_the_data_is_never_cached(client_as):
     assert client_as("auditor").get(DATA)["Cache-Control"] == "no-store"
 
 
-def test_the_dashboard_costs_the_same_queries_for_1_or_30_nodes(client_as, activity):
+def test_the_dashboard_costs_the_same_queries_for_2_or_30_nodes(client_as, activity):
     client = client_as("auditor")
-    client.get(DATA)
+    client.get(PAGE)
     with CaptureQueriesContext(connection) as two:
         client.get(DATA)
+    with CaptureQueriesContext(connection) as two_page:
+        client.get(PAGE)
     for i in range(28):
         node = make_node(name=f"N{i:02d}", port=20000 + i)
         make_delivery_row(node, status=DeliveryStatus.FAILED if i % 2 else DeliveryStatus.DEAD)
 
     with CaptureQueriesContext(connection) as thirty:
         data = client.get(DATA).json()
-    with CaptureQueriesContext(connection) as page:
-        client.get(PAGE)
+    with CaptureQueriesContext(connection) as thirty_page:
+        page = client.get(PAGE).content.decode()
 
-    assert len(data["nodes"]) == 30
+    assert len(data["nodes"]) == 30 and page.count('<small class="muted mono">') == 30
     assert len(thirty) == len(two) <= 12
-    assert len(page) == len(two)
+    assert len(thirty_page) == len(two_page), [q["sql"] for q in thirty_page.captured_queries]
 
 
 def test_with_nothing_received_everything_is_zero(client_as):

@@ -3,15 +3,17 @@ ACK, and reprocessing a refused message."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from gateway.models import AuditEvent
 from tests.fixtures_hl7 import message, msh, obr, orc, orm, pid, pv1, seg
+from worklist.hl7 import service
 from worklist.hl7.service import clear_caches, handle_oversize
 from worklist.models import (
     HL7Message,
@@ -46,6 +48,14 @@ def adt(control_id: str, app: str = "RIS", facility: str = "RADIOLOGY") -> bytes
 def unmapped_order(control_id: str = "MSG-103") -> bytes:
     """An ORM whose ORC-1/ORC-5 pair (NW / ZZ) the status table does not have: AE 103."""
     return orm(control_id, status="ZZ", accession="ACC-103")
+
+
+def filter_errors(page: str, field: str) -> str:
+    """The error text shown beside the filter ``field``, in its own box of the filter row."""
+    box = re.search(rf'<label for="id_{field}">.*?</div>', page, re.DOTALL)
+    errors = re.search(r'class="field-errors">(.*?)</span>', box.group(0)) if box else None
+    assert errors, f"no error beside the {field} filter"
+    return errors.group(1).strip()
 
 
 # --- the list -------------------------------------------------------------------------------
@@ -116,6 +126,33 @@ def test_since_and_until_filter_on_the_time_received(client_as, hl7):
     bad = client.get(LIST + "?since=yesterday")
     assert control_ids(bad) == []
     assert "Use a date (2026-11-27)" in bad.content.decode()
+
+
+def test_an_offset_postgresql_does_not_take_is_read_in_utc(client_as, hl7):
+    # Python reads offsets up to ±23:59; PostgreSQL refuses those beyond ±15:59.
+    for control_id, day in (("D15", 15), ("D16", 16)):
+        hl7(orm(control_id, placer=control_id, filler=control_id))
+        HL7Message.objects.filter(control_id=control_id).update(
+            received_at=datetime(2026, 3, day, 12, 0, tzinfo=UTC))
+
+    response = client_as("auditor").get(LIST + "?since=2026-03-16T23:00%2B23:00")
+
+    assert response.status_code == 200
+    assert control_ids(response) == ["D16"]  # since 2026-03-16 00:00 UTC
+
+
+@pytest.mark.parametrize("field,value", [("since", "0001-01-01T00:00%2B14:00"),
+                                         ("until", "9999-12-31T23:00-14:00")])
+def test_a_time_past_either_end_of_the_calendar_is_shown_next_to_its_field(client_as, hl7,
+                                                                            field, value):
+    hl7(orm("MSG-1"))
+
+    response = client_as("auditor").get(LIST + f"?{field}={value}")
+
+    assert response.status_code == 200
+    assert filter_errors(response.content.decode(), field) == (
+        "Use a date between the years 1 and 9999.")
+    assert control_ids(response) == []
 
 
 def test_the_list_pages(client_as, hl7):
@@ -345,6 +382,40 @@ def test_a_message_cut_at_the_size_limit_cannot_be_reprocessed(client_as):
     assert "only its beginning is stored" in response.content.decode()
     assert HL7Message.objects.count() == 1
     assert not ImagingOrder.objects.exists()
+
+
+def test_a_reprocess_whose_attempt_cannot_be_stored_says_so_and_changes_nothing(
+        client_as, hl7, monkeypatch):
+    hl7(unmapped_order())
+    original = HL7Message.objects.get()
+
+    def database_full(**fields):
+        raise DatabaseError("could not extend file: No space left on device")
+
+    # The attempt is refused again (no mapping) and storing it fails: the service has no
+    # attempt to return.
+    monkeypatch.setattr(HL7Message.objects, "create", database_full)
+    response = client_as("operator").post(reprocess(original.pk), follow=True)
+
+    assert response.redirect_chain == [(detail(original.pk), 302)]
+    assert (f"Message {original.pk} could not be reprocessed: the new attempt could not be "
+            "stored") in response.content.decode()
+    assert HL7Message.objects.count() == 1
+    assert not AuditEvent.objects.filter(action="hl7.message.reprocessed").exists()
+
+
+def test_reprocessing_a_message_deleted_meanwhile_says_so(client_as, hl7, monkeypatch):
+    hl7(unmapped_order())
+    original = HL7Message.objects.get()
+
+    def deleted_meanwhile(message_id, actor=None):
+        raise HL7Message.DoesNotExist
+
+    monkeypatch.setattr(service, "reprocess", deleted_meanwhile)
+    response = client_as("operator").post(reprocess(original.pk), follow=True)
+
+    assert response.redirect_chain == [(LIST, 302)]
+    assert f"Message {original.pk} no longer exists" in response.content.decode()
 
 
 def test_an_auditor_cannot_reprocess(client_as, hl7):

@@ -70,6 +70,58 @@ def test_the_list_shows_each_node_with_its_last_echo_backlog_and_last_delivery(c
     assert "Disabled" in archive and "Never" in archive
 
 
+@pytest.mark.parametrize("echo, state, shown", [
+    ({}, "never", "Never"),
+    ({"last_echo_error": ""}, "ok", "OK"),
+    ({"last_echo_error": "connection refused to 10.0.0.5:104"}, "failed", "Failed"),
+])
+def test_a_nodes_echo_state_is_what_its_last_echo_said(client_as, echo, state, shown):
+    now = timezone.now()
+    if echo:  # every echo sets when it ran; a success sets last_echo_ok_at too
+        echo = {"last_echo_at": now, **echo,
+                "last_echo_ok_at": None if echo["last_echo_error"] else now}
+    node = make_node("pacs1", **echo)
+
+    page = client_as("auditor").get(reverse("node-edit", args=[node.pk])).content.decode()
+
+    assert node.echo_state == state
+    echo_cell = page[page.index("<dt>Last C-ECHO</dt>"):]
+    echo_cell = echo_cell[:echo_cell.index("</dd>")]
+    assert shown in echo_cell
+    assert not any(other in echo_cell for other in {"Never", "OK", "Failed"} - {shown})
+
+
+def test_a_failed_echo_after_a_success_is_failed_and_names_the_last_success(client_as):
+    now = timezone.now()
+    node = make_node("pacs1", last_echo_at=now, last_echo_ok_at=now - timedelta(days=1),
+                     last_echo_error="association rejected")
+
+    page = client_as("auditor").get(reverse("node-list")).content.decode()
+
+    assert node.echo_state == "failed"
+    assert '<span class="badge bad">Failed</span>' in page and "association rejected" in page
+    assert "Last success" in page
+
+
+def test_with_activity_counts_backlog_and_dead_of_any_age_per_node():
+    pacs, other = make_node("pacs1"), make_node("archive")
+    delivered = timezone.now() - timedelta(days=3)
+    deliveries(pacs, DeliveryStatus.PENDING, DeliveryStatus.SENDING, DeliveryStatus.FAILED,
+               DeliveryStatus.DEAD, DeliveryStatus.DEAD, DeliveryStatus.ABANDONED,
+               DeliveryStatus.DELIVERED, delivered_at=delivered)
+    Delivery.objects.update(created_at=timezone.now() - timedelta(days=3))
+
+    nodes = list(Node.objects.with_activity())
+
+    assert [n.name for n in nodes] == ["archive", "pacs1"]  # the default order, by name
+    by_name = {n.name: n for n in nodes}
+    assert (by_name["pacs1"].backlog, by_name["pacs1"].dead) == (3, 2)
+    assert by_name["pacs1"].last_delivered_at == delivered
+    assert (by_name["archive"].backlog, by_name["archive"].dead,
+            by_name["archive"].last_delivered_at) == (0, 0, None)
+    assert other.pk == by_name["archive"].pk
+
+
 @pytest.mark.parametrize("role, buttons, absent", [
     ("admin", ["Add node", ">Edit<", ">Verify<", ">Disable<", ">Delete<"], [">View<"]),
     ("operator", [">View<", ">Verify<"], ["Add node", ">Disable<", ">Delete<", ">Edit<"]),

@@ -18,7 +18,8 @@ from pydicom.data import get_testdata_file
 from gateway.models import AuditEvent
 from routing.models import Rule
 from routing.routing import enabled_rules
-from routing.rules import Facts, matching_rules
+from routing.rules import ORDER_MAX, Facts, matching_rules
+from routing.views import rules as rule_views
 from tests.fixtures_storage import make_node, make_rule, received_instance
 
 pytestmark = pytest.mark.django_db
@@ -363,6 +364,37 @@ def test_an_invalid_regex_is_shown_next_to_its_row(client_as):
     assert not Rule.objects.exists() and not events("routing.rule.created")
 
 
+def field_errors(page: str, field: str) -> str:
+    """The error text shown next to the form field named ``field``."""
+    errors = re.search(rf'id="id_{field}_errors"[^>]*>(.*?)</div>', page, re.DOTALL)
+    assert errors, f"no errors next to {field}"
+    return html.unescape(re.sub(r"<[^>]+>", " ", errors.group(1))).strip()
+
+
+@pytest.mark.parametrize("order", ["3000000000", "-3000000000", str(ORDER_MAX + 1)])
+def test_an_order_out_of_bounds_is_shown_next_to_the_field(client_as, order):
+    rule = make_rule("CT", [CT], order=10)
+    client = client_as("admin")
+
+    created = client.post(reverse("rule-create"), rule_form("new", order=order))
+    edited = client.post(reverse("rule-edit", args=[rule.pk]), rule_form("CT", order=order))
+
+    for response in (created, edited):
+        assert response.status_code == 200
+        assert field_errors(response.content.decode(), "order") == (
+            "Must be an integer from -1000000 to 1000000")
+    assert list(Rule.objects.values_list("name", "order")) == [("CT", 10)]
+    assert not events("routing.rule.created") and not events("routing.rule.updated")
+
+
+def test_a_new_rule_is_offered_an_order_within_the_bounds(client_as):
+    make_rule("last", order=ORDER_MAX)
+
+    page = client_as("admin").get(reverse("rule-create")).content.decode()
+
+    assert f'name="order" value="{ORDER_MAX}"' in page
+
+
 def test_each_problem_is_shown_where_it_is(client_as):
     make_rule("taken")
 
@@ -458,6 +490,53 @@ def test_a_file_that_is_not_dicom_is_refused_next_to_the_file_input(client_as):
     errors = re.search(r'id="id_dicom_file_errors"[^>]*>(.*?)</div>', page, re.DOTALL)
     assert errors and "This is not a DICOM file" in errors.group(1)
     assert "<h3>File notes.txt" not in page
+
+
+def with_unknown_vr(raw: bytes, tag: bytes) -> bytes:
+    """Explicit VR Part 10 ``raw`` with the VR of element ``tag`` (its four bytes, little
+    endian) overwritten by "ZZ": the file reads, the element does not decode."""
+    at = raw.index(tag) + 4
+    return raw[:at] + b"ZZ" + raw[at + 2:]
+
+
+def test_a_dicom_file_with_an_element_that_does_not_decode_is_refused_next_to_the_file_input(
+        client_as):
+    data = rule_form(conditions=[CT])
+    with open(get_testdata_file("CT_small.dcm"), "rb") as f:
+        broken = with_unknown_vr(f.read(), b"\x08\x00\x60\x00")  # Modality
+    data["dicom_file"] = SimpleUploadedFile("broken.dcm", broken)
+
+    response = client_as("admin").post(reverse("rule-test"), data)
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "This DICOM file could not be read: Unknown Value Representation 'ZZ' in tag " \
+        "(0008,0060)" in field_errors(page, "dicom_file")
+    assert "<h3>File broken.dcm" not in page
+
+
+def test_a_file_over_the_size_limit_is_refused_next_to_the_file_input(client_as, monkeypatch):
+    monkeypatch.setattr(rule_views, "MAX_TEST_FILE_BYTES", 2 * 1024 * 1024)
+    data = rule_form(conditions=[CT])
+    data["dicom_file"] = SimpleUploadedFile("huge.dcm", b"\0" * (3 * 1024 * 1024))
+
+    page = client_as("admin").post(reverse("rule-test"), data).content.decode()
+
+    assert field_errors(page, "dicom_file") == (
+        "This file is 3 MB; Test takes files of at most 2 MB.")
+    assert "<h3>File huge.dcm" not in page
+
+
+def test_a_rule_field_that_is_not_a_plain_number_tests_the_editor_as_a_new_rule(client_as):
+    make_rule("CT", [CT], order=10)
+
+    response = client_as("admin").post(reverse("rule-test"),
+                                       rule_form(conditions=[CT], rule="²"))
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Test results" in page
+    assert f'action="{reverse("rule-create")}"' in page
 
 
 def test_a_rule_with_problems_is_not_tested(client_as):

@@ -45,6 +45,14 @@ def worklist_accessions(**keys) -> list[str]:
     return [str(answer.AccessionNumber) for answer in find_worklist(query)]
 
 
+def filter_errors(page: str, field: str) -> str:
+    """The error text shown beside the filter ``field``, in its own box of the filter row."""
+    box = re.search(rf'<label for="id_{field}">.*?</div>', page, re.DOTALL)
+    errors = re.search(r'class="field-errors">(.*?)</span>', box.group(0)) if box else None
+    assert errors, f"no error beside the {field} filter"
+    return errors.group(1).strip()
+
+
 # --- the list -------------------------------------------------------------------------------
 
 
@@ -136,6 +144,21 @@ def test_an_end_date_before_the_start_date_is_refused(client_as, two_items):
     response = client_as("auditor").get(LIST + "?date_from=2026-03-18&date_to=2026-03-16")
     assert "The end date is before the start date." in response.content.decode()
     assert accessions(response) == []
+
+
+def test_an_end_date_the_calendar_cannot_go_past_is_shown_next_to_its_field(client_as,
+                                                                           two_items):
+    response = client_as("auditor").get(LIST + "?date_to=9999-12-31")
+
+    assert response.status_code == 200
+    assert filter_errors(response.content.decode(), "date_to") == "Enter a date up to 9999-12-30."
+    assert accessions(response) == []
+
+
+def test_dates_at_either_end_of_the_calendar_still_filter(client_as, two_items):
+    response = client_as("auditor").get(LIST + "?date_from=0001-01-01&date_to=9999-12-30")
+
+    assert accessions(response) == ["ACC-A", "ACC-B"]
 
 
 def test_the_list_pages_and_keeps_the_filters(client_as):

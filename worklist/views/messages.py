@@ -149,6 +149,17 @@ def message_reprocess(request, pk: int):
     except service.NotReprocessable as exc:
         messages.error(request, str(exc))
         return redirect("hl7-detail", pk=original.pk)
+    except HL7Message.DoesNotExist:
+        messages.error(request, f"Message {original.pk} no longer exists; nothing was "
+                                "reprocessed.")
+        return redirect("hl7-list")
+    except RuntimeError:
+        # The new attempt could not be stored (the service logged why); its transaction
+        # rolled back, so nothing changed.
+        messages.error(request, f"Message {original.pk} could not be reprocessed: the new "
+                                "attempt could not be stored (see the gateway's log). Nothing "
+                                "was changed; try again later.")
+        return redirect("hl7-detail", pk=original.pk)
     text, delimiters, _ = decode_message(bytes(attempt.ack))
     code = ack_code(text, delimiters) or "?"
     result = f"Message {original.pk} reprocessed as message {attempt.pk}: {code}"

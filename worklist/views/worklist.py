@@ -3,7 +3,7 @@ receives for it, and the hand actions (cancel, complete) on a step."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from io import BytesIO
 
 from django import forms
@@ -54,6 +54,16 @@ class StepFilters(forms.Form):
         low, high = data.get("date_from"), data.get("date_to")
         if low and high and low > high:
             self.add_error("date_to", "The end date is before the start date.")
+        # The scheduled start bounds (the end date is inclusive, so up to the next midnight).
+        # Starts are local wall-clock times stored as if UTC (see worklist.models).
+        if low:
+            data["start_from"] = datetime.combine(low, time.min, UTC)
+        if high:
+            try:
+                data["start_before"] = datetime.combine(high + timedelta(days=1), time.min, UTC)
+            except OverflowError:
+                last = date.max - timedelta(days=1)
+                self.add_error("date_to", f"Enter a date up to {last.isoformat()}.")
         return data
 
 
@@ -70,12 +80,10 @@ def filtered_steps(filters: StepFilters):
         steps = steps.filter(status__in=StepStatus.on_worklist())
     elif status != ANY:
         steps = steps.filter(status=status)
-    # Starts are local wall-clock times stored as if UTC (see worklist.models).
-    if data["date_from"]:
-        steps = steps.filter(start__gte=datetime.combine(data["date_from"], time.min, UTC))
-    if data["date_to"]:
-        next_day = data["date_to"] + timedelta(days=1)
-        steps = steps.filter(start__lt=datetime.combine(next_day, time.min, UTC))
+    if data.get("start_from"):
+        steps = steps.filter(start__gte=data["start_from"])
+    if data.get("start_before"):
+        steps = steps.filter(start__lt=data["start_before"])
     if modality := data["modality"].strip().upper():
         steps = steps.filter(modality=modality)
     if station := data["station"].strip():

@@ -24,7 +24,7 @@ def gateway_processes(http_host: str) -> dict[str, list[str]]:
             py, "-m", "gunicorn", "gateway.wsgi:application",
             "--bind", f"{http_host}:{settings.HTTP_PORT}",
             "--workers", os.environ.get("WEB_CONCURRENCY", "2"),
-            "--access-logfile", "-",
+            "--config", "python:gateway.gunicorn_config",
         ],
         "hl7listener": [py, manage, "hl7listener"],
         "dicomserver": [py, manage, "dicomserver"],

@@ -34,11 +34,12 @@
     const state = el("td");
     state.append(n.enabled ? badge("ok", "Enabled") : badge("off", "Disabled"));
     const echo = el("td");
-    if (n.echo_failed) {
-      echo.append(badge("bad", "Failed"), " ", el("span", { class: "error" }, n.last_echo_error));
+    if (n.echo_state === "failed") {
+      echo.append(badge("bad", "Failed"), " " + n.last_echo + " ",
+                  el("span", { class: "error" }, n.last_echo_error));
       if (n.last_echo_ok) echo.append(el("br"), el("small", { class: "muted" }, "last OK " + n.last_echo_ok));
-    } else if (n.echo_ok) {
-      echo.append(badge("ok", "OK"), " " + n.last_echo_ok);
+    } else if (n.echo_state === "ok") {
+      echo.append(badge("ok", "OK"), " " + n.last_echo);
     } else {
       echo.append(el("span", { class: "muted" }, "never checked"));
     }
@@ -65,43 +66,27 @@
     body.replaceChildren(...rows);
   }
 
-  // The same geometry as gateway.views.dashboard.charts: x and width in %, y and height in px.
-  function drawChart(chart, hours) {
+  // Places what gateway.views.dashboard.charts computed: x and width in %, y and height in px.
+  function drawChart(chart) {
     const box = document.querySelector(`svg[data-chart="${chart.id}"]`);
     if (!box) return;
-    const top = Number(box.dataset.top), bottom = Number(box.dataset.bottom);
-    const keys = chart.series.map((s) => s[0]);
-    let peak = 0;
-    for (const h of hours) for (const k of keys) peak = Math.max(peak, h[k]);
-    const slot = 100 / Math.max(hours.length, 1);
-    const width = (slot * 0.8) / keys.length;
-    const parts = [svg("line", { x1: "0", x2: "100%", y1: bottom, y2: bottom })];
-    hours.forEach((hour, i) => {
-      chart.series.forEach(([key, words], j) => {
-        const value = hour[key];
-        const height = peak ? ((bottom - top) * value) / peak : 0;
-        const rect = svg("rect", {
-          class: "s" + j, x: (i * slot + slot * 0.1 + j * width).toFixed(3) + "%",
-          y: (bottom - height).toFixed(1), width: width.toFixed(3) + "%", height: height.toFixed(1),
-        });
-        const title = svg("title", {});
-        title.textContent = `${hour.label}: ${value} ${words}`;
-        rect.append(title);
-        parts.push(rect);
-      });
-      if ((hours.length - 1 - i) % 3 === 0) {
-        // Kept inside the chart at either end, as the server draws it.
-        const [x, anchor] = i === 0 ? [0, "start"]
-          : i === hours.length - 1 ? [100, "end"] : [(i * slot + slot / 2).toFixed(3), "middle"];
-        const text = svg("text", { x: x + "%", y: Number(box.dataset.height) - 4,
-                                   "text-anchor": anchor });
-        text.textContent = hour.label;
-        parts.push(text);
-      }
-    });
+    const parts = [svg("line", { x1: "0", x2: "100%", y1: chart.baseline, y2: chart.baseline })];
+    for (const bar of chart.bars) {
+      const rect = svg("rect", { class: "s" + bar.series, x: bar.x + "%", y: bar.y,
+                                 width: bar.width + "%", height: bar.height });
+      const title = svg("title", {});
+      title.textContent = bar.title;
+      rect.append(title);
+      parts.push(rect);
+    }
+    for (const tick of chart.ticks) {
+      const text = svg("text", { x: tick.x + "%", y: tick.y, "text-anchor": tick.anchor });
+      text.textContent = tick.label;
+      parts.push(text);
+    }
     box.replaceChildren(...parts);
     const label = document.querySelector(`[data-peak="${chart.id}"]`);
-    if (label) label.textContent = String(peak);
+    if (label) label.textContent = String(chart.peak);
   }
 
   function draw(data) {
@@ -118,7 +103,7 @@
       if (node) node.textContent = data[field];
     }
     drawNodes(data.nodes);
-    for (const chart of data.charts) drawChart(chart, data.hours);
+    for (const chart of data.charts) drawChart(chart);
     status.classList.remove("error");
   }
 
