@@ -129,9 +129,16 @@ def test_an_administrator_runs_the_gateway_from_the_browser(start_gateway, start
     page.get_by_role("button", name="Filter").click()
     expect(page.get_by_text("BROWSER^BETTY")).to_be_visible()
     shot(page, "worklist")
+    page.get_by_role("link", name="2026-11-27 10:00").click()
+    expect(page.get_by_role("heading", name="What a modality receives")).to_be_visible()
+    expect(page.get_by_text("ACC-UI-1").first).to_be_visible()
+    shot(page, "worklist-item")
     page.get_by_role("link", name="HL7 messages").click()
     expect(page.get_by_text("UI-E2E-1")).to_be_visible()
     shot(page, "hl7-messages")
+    page.locator("tbody a").first.click()
+    expect(page.get_by_role("heading", name="Segments and fields")).to_be_visible()
+    shot(page, "hl7-message")
 
     # A modality sends a study; the rule forwards it to the PACS.
     first = write_copy(tmp_path / "study")
@@ -143,6 +150,9 @@ def test_an_administrator_runs_the_gateway_from_the_browser(start_gateway, start
     page.get_by_role("link", name="Studies", exact=True).click()
     expect(page.get_by_text("PACS1: 1 delivered")).to_be_visible()
     shot(page, "studies")
+    page.locator("tbody a").first.click()
+    expect(page.get_by_role("heading", name="Delivery by node")).to_be_visible()
+    shot(page, "study")
 
     # The PACS goes down: the next instance's delivery fails and waits.
     pacs.stop()
@@ -179,6 +189,11 @@ def test_an_administrator_runs_the_gateway_from_the_browser(start_gateway, start
     page.get_by_label("Action").fill("")
     page.get_by_role("button", name="Filter").click()
     shot(page, "audit-trail")
+    page.get_by_label("Action").fill("routing.node.created")
+    page.get_by_role("button", name="Filter").click()
+    page.locator("tbody a").first.click()
+    expect(page.get_by_text("intact")).to_be_visible()
+    shot(page, "audit-event")
 
     # The same pages on a phone.
     page.set_viewport_size({"width": 390, "height": 844})
