@@ -79,6 +79,13 @@ def test_it_runs_the_whole_flow_on_embedded_defaults_and_stops_on_sigterm(embedd
     with urllib.request.urlopen(f"http://127.0.0.1:{ports['HTTP_PORT']}/health") as response:
         assert response.status == 200
 
+    web = f"http://127.0.0.1:{ports['HTTP_PORT']}"
+    with urllib.request.urlopen(f"{web}/") as response:  # the pages need a sign-in first
+        assert response.url.startswith(f"{web}/login/")
+        assert "Sign in" in response.read().decode()
+    with urllib.request.urlopen(f"{web}/static/gateway/app.css") as response:
+        assert response.status == 200 and b"table.list" in response.read()
+
     with hl7.client.MLLPClient("127.0.0.1", ports["HL7_PORT"]) as client:
         ack = client.send_message(ORDER).decode()
     assert "MSA|AA|RUNGW1" in ack

@@ -10,22 +10,23 @@ def create(apps, schema_editor):
         return
     schema_editor.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
     schema_editor.execute(
-        "CREATE INDEX IF NOT EXISTS gateway_audit_search_trgm ON gateway_auditevent USING gin "
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS gateway_audit_search_trgm ON gateway_auditevent USING gin "
         "(upper(object_repr) gin_trgm_ops, upper(actor) gin_trgm_ops, "
         "upper(action) gin_trgm_ops)"
     )
     schema_editor.execute(
-        "CREATE INDEX IF NOT EXISTS gateway_audit_object_id ON gateway_auditevent (object_id)"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS gateway_audit_object_id ON gateway_auditevent (object_id)"
     )
 
 
 def drop(apps, schema_editor):
     if schema_editor.connection.vendor != "postgresql":
         return
-    schema_editor.execute("DROP INDEX IF EXISTS gateway_audit_search_trgm")
-    schema_editor.execute("DROP INDEX IF EXISTS gateway_audit_object_id")
+    schema_editor.execute("DROP INDEX CONCURRENTLY IF EXISTS gateway_audit_search_trgm")
+    schema_editor.execute("DROP INDEX CONCURRENTLY IF EXISTS gateway_audit_object_id")
 
 
 class Migration(migrations.Migration):
+    atomic = False  # CONCURRENTLY: the trail keeps being written while its indexes build
     dependencies = [("gateway", "0002_audit_chain")]
     operations = [migrations.RunPython(create, drop)]

@@ -250,6 +250,48 @@ READ_SEGMENTS = {"MSH", "EVN", "PID", "PV1", "AL1", "ORC", "TQ1", "OBR", "IPC", 
                  "OBX", "MRG"}
 
 
+def decode_text(raw: bytes, header: Header | None, strict: bool = False) -> tuple[str, str]:
+    """The message as text with CR between segments (CRLF and LF read as CR, padding
+    stripped), and the codec it was decoded with: MSH-18's; without MSH-18 (or when a
+    ``header``-less or ASCII-declared message has 8-bit bytes) UTF-8 when it decodes, else
+    Latin-1, which decodes anything and is what 8-bit senders without MSH-18 usually mean.
+    ``strict`` (the listener): an unsupported MSH-18, or bytes that are not valid in the
+    declared character set, raise HL7Error instead of falling back."""
+    text = codec = None
+    if header is not None and header.charset:
+        codec = codec_for(header.charset)
+        if codec is None and strict:
+            raise HL7Error(
+                TABLE_VALUE_NOT_FOUND,
+                f"MSH-18 (character set) {header.charset!r} is not supported",
+                ("MSH", 1, 18),
+                reject=True,
+            )
+        if codec is not None:
+            try:
+                text = raw.decode(codec)
+            except UnicodeDecodeError as exc:
+                if strict and codec != "ascii":
+                    raise HL7Error(
+                        DATA_TYPE_ERROR,
+                        f"The message is not valid {header.charset} text "
+                        f"(byte {exc.start}): check MSH-18",
+                        ("MSH", 1, 18),
+                    ) from exc
+    if text is None:
+        try:
+            text, codec = raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, codec = raw.decode("latin-1"), "latin-1"
+    return segment_text(text), codec
+
+
+def segment_text(text: str) -> str:
+    """Segments separated by CR (CRLF and LF read as CR), padding around the message
+    stripped."""
+    return text.replace("\r\n", "\r").replace("\n", "\r").strip("\r\n\t \x00\ufeff")
+
+
 class Message:
     """One decoded, split message. Values are read with :meth:`get` and friends, which
     return unescaped text ("" when absent); HL7's explicit null ``""`` comes back as
@@ -257,38 +299,9 @@ class Message:
 
     def __init__(self, raw: bytes, header: Header | None = None):
         self.header = header or read_header(raw)
-        codec = self.header.codec
         d = self.header.delimiters
-        text = None
-        if self.header.charset:
-            if codec_for(self.header.charset) is None:
-                raise HL7Error(
-                    TABLE_VALUE_NOT_FOUND,
-                    f"MSH-18 (character set) {self.header.charset!r} is not supported",
-                    ("MSH", 1, 18),
-                    reject=True,
-                )
-            try:
-                text = raw.decode(codec)
-            except UnicodeDecodeError as exc:
-                if codec != "ascii":
-                    raise HL7Error(
-                        DATA_TYPE_ERROR,
-                        f"The message is not valid {self.header.charset} text "
-                        f"(byte {exc.start}): check MSH-18",
-                        ("MSH", 1, 18),
-                    ) from exc
-        if text is None:
-            # No (or a too narrow) MSH-18: UTF-8 when it decodes, else Latin-1, which
-            # decodes anything and is what 8-bit senders without MSH-18 usually mean.
-            try:
-                text = raw.decode("utf-8")
-                self.header.codec = "utf-8"
-            except UnicodeDecodeError:
-                text = raw.decode("latin-1")
-                self.header.codec = "latin-1"
+        text, self.header.codec = decode_text(raw, self.header, strict=True)
         self.codec = self.header.codec
-        text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r\n\t \x00\ufeff")
         # Only the segments the gateway reads are split (insurance, guarantor, next of kin…
         # can be most of a real order message); blank lines between segments are dropped.
         text = "\r".join(line for line in text.split("\r")

@@ -3,8 +3,12 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
+from gateway.schema import AddIndexWithoutLocking
+
 
 class Migration(migrations.Migration):
+    # Indexes on tables that may be large and busy are built without locking writes.
+    atomic = False
 
     dependencies = [
         ('worklist', '0003_mwl_match_indexes'),
@@ -16,23 +20,23 @@ class Migration(migrations.Migration):
             name='reprocessed_from',
             field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='reprocessed_as', to='worklist.hl7message'),
         ),
-        migrations.AddIndex(
+        AddIndexWithoutLocking(
             model_name='hl7message',
             index=models.Index(fields=['control_id'], name='hl7message_control_id_idx'),
         ),
-        migrations.AddIndex(
+        AddIndexWithoutLocking(
             model_name='hl7message',
             index=models.Index(fields=['message_type'], name='hl7message_type_pattern_idx', opclasses=['varchar_pattern_ops']),
         ),
-        migrations.AddIndex(
+        AddIndexWithoutLocking(
             model_name='patient',
             index=models.Index(fields=['name_key'], name='patient_name_key_pattern_idx', opclasses=['varchar_pattern_ops']),
         ),
-        migrations.AddIndex(
+        AddIndexWithoutLocking(
             model_name='scheduledstep',
             index=models.Index(fields=['start', 'id'], name='step_start_id_idx'),
         ),
-        migrations.AddIndex(
+        AddIndexWithoutLocking(
             model_name='scheduledstep',
             index=models.Index(condition=models.Q(('status__in', ['SCHEDULED', 'ARRIVED', 'READY'])), fields=['start', 'id'], name='step_open_start_id_idx'),
         ),

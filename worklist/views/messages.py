@@ -18,7 +18,14 @@ from gateway.models import AuditEvent
 from gateway.web import OPERATE, VIEW, Pager, parse_when, query_string, role_required
 
 from ..hl7 import service
-from ..hl7.parse import Delimiters, HL7Error, codec_for, read_header, unescape
+from ..hl7.parse import (
+    Delimiters,
+    HL7Error,
+    decode_text,
+    read_header,
+    segment_text,
+    unescape,
+)
 from ..models import HL7Message, ImagingOrder, MessageStatus
 
 REFUSED = "refused"
@@ -192,25 +199,20 @@ def _events_of(message: HL7Message) -> list[AuditEvent]:
 
 def decode_message(raw: bytes, codec: str | None = None) -> tuple[str, Delimiters | None, str]:
     """The text of a stored message or ACK with segments on lines, its delimiters (None when
-    it has no readable MSH) and the codec used: ``codec`` when given, else MSH-18's, else
-    UTF-8 when it decodes, else Latin-1, as the listener decides."""
+    it has no readable MSH) and the codec used: ``codec`` when given and it decodes (an ACK
+    goes out in its message's), else as the listener decides (parse.decode_text)."""
     try:
         header = read_header(raw)
     except HL7Error:
         header = None
-    if codec is None and header is not None and header.charset:
-        codec = codec_for(header.charset)
     text = None
-    for candidate in (codec, "utf-8"):
-        if candidate:
-            try:
-                text, codec = raw.decode(candidate), candidate
-                break
-            except (UnicodeDecodeError, LookupError):
-                pass
+    if codec:
+        try:
+            text = segment_text(raw.decode(codec))
+        except (UnicodeDecodeError, LookupError):
+            text = None
     if text is None:
-        text, codec = raw.decode("latin-1"), "latin-1"
-    text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r\n\t \x00\ufeff")
+        text, codec = decode_text(raw, header)
     lines = "\n".join(line for line in text.split("\r") if line.strip())
     return lines, header.delimiters if header else None, codec
 
