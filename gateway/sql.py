@@ -40,7 +40,7 @@ def _kinds(model: type[models.Model]) -> list[tuple[str, object, str]]:
 
 
 @cache
-def _insert_sql(model: type[models.Model], rows: int, vendor: str) -> str:
+def _insert_sql(model: type[models.Model], rows: int, vendor: str, unique: str = "") -> str:
     quote = connection.ops.quote_name
     json_cast = "::jsonb" if vendor == "postgresql" else ""
     placeholder = "(" + ", ".join(
@@ -48,8 +48,9 @@ def _insert_sql(model: type[models.Model], rows: int, vendor: str) -> str:
         for _, _, f in _columns(model)
     ) + ")"
     names = ", ".join(quote(c) for _, c, _ in _columns(model))
+    skip = f" ON CONFLICT ({quote(unique)}) DO NOTHING" if unique else ""
     return (f"INSERT INTO {quote(model._meta.db_table)} ({names}) VALUES "
-            f"{', '.join([placeholder] * rows)} RETURNING {quote(model._meta.pk.column)}")
+            f"{', '.join([placeholder] * rows)}{skip} RETURNING {quote(model._meta.pk.column)}")
 
 
 def insert(model: type[models.Model], rows: list[dict]) -> list[int]:
@@ -61,6 +62,22 @@ def insert(model: type[models.Model], rows: list[dict]) -> list[int]:
     if len(rows) > 1 and vendor != "postgresql":
         # SQLite returns RETURNING rows of a multi-row insert in no promised order.
         return [insert(model, [row])[0] for row in rows]
+    with connection.cursor() as cursor:
+        cursor.execute(_insert_sql(model, len(rows), vendor), _params(model, rows))
+        return [row[0] for row in cursor.fetchall()]
+
+
+def insert_new(model: type[models.Model], row: dict, unique: str) -> int | None:
+    """Insert one row (as :func:`insert`) unless a row with the same value in the
+    ``unique`` column exists already; return its primary key, or None when nothing was
+    inserted. No savepoint: the transaction stays usable either way."""
+    with connection.cursor() as cursor:
+        cursor.execute(_insert_sql(model, 1, connection.vendor, unique), _params(model, [row]))
+        found = cursor.fetchone()
+    return found[0] if found else None
+
+
+def _params(model: type[models.Model], rows: list[dict]) -> list:
     adapt = connection.ops.adapt_datetimefield_value  # SQLite stores naive UTC text
     now = adapt(timezone.now())
     params: list = []
@@ -75,9 +92,7 @@ def insert(model: type[models.Model], rows: list[dict]) -> list[int]:
             elif kind == "datetime" and value is not None:
                 value = adapt(value)
             params.append(value)
-    with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(model, len(rows), vendor), params)
-        return [row[0] for row in cursor.fetchall()]
+    return params
 
 
 def locked_ids(model: type[models.Model], equal: dict[str, str],

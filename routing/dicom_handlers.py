@@ -2,7 +2,9 @@
 configuration in the bind tuple (see :func:`storage_handlers`).
 
 The C-STORE handler is a thin adapter: :func:`routing.storage.store_instance` stores and
-records the instance before the response goes out; the committed instance is then routed
+records the instance before the response goes out, and routes a new one with the
+association's rules in the same transaction. An instance it could not route there (a
+replaced one, or deciding failed) is routed once committed
 (:func:`routing.routing.route_instance`) — if that fails, it stays PENDING for the sweep.
 
 SOP classes: every storage SOP class pynetdicom knows is offered with
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import struct
 import threading
 import weakref
 from collections.abc import Callable
@@ -47,7 +50,12 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import build_context
 from pynetdicom.service_class import StorageServiceClass
@@ -132,7 +140,7 @@ class AssociationLog:
         row_id: int | None = None
         instances: int = 0
         failures: int = 0
-        # The enabled rules, loaded at the association's first routing: an association
+        # The enabled rules, loaded at the association's first C-STORE: an association
         # routes with the rules as they were when it started sending.
         rules: list | None = None
 
@@ -298,7 +306,7 @@ def handle_store(event, config: StorageConfig, log: AssociationLog) -> int | Dat
             try:
                 encoded = _as_part10(event, calling)
                 origin = Origin(calling, called, address, entry.row_id)
-                result = store_instance(encoded, origin, config)
+                result = store_instance(encoded, origin, config, _rules(entry))
             except Exception:
                 logger.exception("C-STORE from %s could not be handled", calling)
                 result = StoreResult(StoreStatus.CANNOT_WRITE, "the instance could not be stored")
@@ -318,11 +326,56 @@ def handle_store(event, config: StorageConfig, log: AssociationLog) -> int | Dat
 def _as_part10(event, calling_ae: str) -> bytes:
     """The received data set exactly as it came, behind file meta information that names the
     transfer syntax it came in and the AE that sent it (PS3.10 7.1)."""
-    meta = event.file_meta
-    if calling_ae:
-        meta.SourceApplicationEntityTitle = calling_ae
-    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta),
-                     event.request.DataSet.getvalue()))
+    request = event.request
+    meta = _file_meta(str(request.AffectedSOPClassUID or ""),
+                      str(request.AffectedSOPInstanceUID or ""),
+                      str(event.context.transfer_syntax or ""), calling_ae)
+    if meta is None:
+        meta = event.file_meta
+        if calling_ae:
+            meta.SourceApplicationEntityTitle = calling_ae
+        meta = encode_file_meta(meta)
+    return b"".join((b"\x00" * 128, b"DICM", meta, request.DataSet.getvalue()))
+
+
+_IMPLEMENTATION = (str(PYNETDICOM_IMPLEMENTATION_UID), PYNETDICOM_IMPLEMENTATION_VERSION)
+
+
+def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
+               calling_ae: str) -> bytes | None:
+    """The File Meta Information group (Explicit VR Little Endian) with the elements and
+    bytes pynetdicom's ``event.file_meta`` plus ``encode_file_meta`` give, encoded directly:
+    building and writing a pydicom data set costs more per instance than storing it. None
+    for values that are not short plain ASCII; the caller then lets pydicom decide."""
+    values = (sop_class, sop_instance, transfer_syntax, *_IMPLEMENTATION, calling_ae)
+    if not all(v.isascii() and len(v) <= 64 for v in values) or not all(values[:5]):
+        return None
+    elements = [struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01"]
+    for element, vr, value, pad in (
+        (0x0002, b"UI", sop_class, b"\x00"),
+        (0x0003, b"UI", sop_instance, b"\x00"),
+        (0x0010, b"UI", transfer_syntax, b"\x00"),
+        (0x0012, b"UI", _IMPLEMENTATION[0], b"\x00"),
+        (0x0013, b"SH", _IMPLEMENTATION[1], b" "),
+        (0x0016, b"AE", calling_ae, b" "),
+    ):
+        if not value:
+            continue
+        data = value.encode("ascii")
+        data += pad * (len(data) % 2)
+        elements.append(struct.pack("<HH2sH", 0x0002, element, vr, len(data)) + data)
+    body = b"".join(elements)
+    return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _rules(entry: AssociationLog.Entry) -> list | None:
+    """The association's rules; None (route after storing) when they cannot be loaded."""
+    if entry.rules is None:
+        try:
+            entry.rules = enabled_rules()
+        except Exception:
+            logger.exception("could not load the routing rules; routing after storing")
+    return entry.rules
 
 
 def _route(instance_id: int, entry: AssociationLog.Entry) -> None:

@@ -17,21 +17,31 @@ one whose deliveries are all decided is ROUTED.
 
 Everything here is idempotent: running it twice for the same instance creates nothing new,
 so the sweeps can run while the storage SCP routes.
+
+Two ways in: the storage SCP decides for an instance it has just inserted inside the
+storing transaction (:func:`decide`, then :func:`record_decision`: the facts are in memory,
+nothing is read back), and :func:`route_instance` decides for a committed PENDING row (a
+replaced instance, the sweeps, per-study rules once the study is quiet).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from gateway import sql
 
 from .models import (
     Delivery,
     DeliveryStatus,
+    Node,
     ReceivedInstance,
     ReceivedStudy,
     RoutingMode,
@@ -52,15 +62,9 @@ def facts_for(instance: ReceivedInstance) -> Facts:
             return None
         try:
             ds = dcmread(instance.path, stop_before_pixels=True, specific_tags=[attribute.tag])
-            element = ds.get(attribute.tag)
         except Exception:
             return None
-        if element is None or isinstance(element.value, bytes | bytearray):
-            return None
-        value = element.value
-        if isinstance(value, MultiValue | list | tuple):
-            return [str(v) for v in value]
-        return str(value)
+        return _element_value(ds, attribute)
 
     return Facts(
         instance.header or {},
@@ -71,6 +75,109 @@ def facts_for(instance: ReceivedInstance) -> Facts:
         },
         fallback=from_file,
     )
+
+
+def facts_from_dataset(header: dict, association: dict[str, str], ds: Dataset) -> Facts:
+    """The same facts as :func:`facts_for`, for an instance being stored: ``header`` as
+    :func:`routing.storage.header_as_json` made it, the association attributes as they are
+    recorded, and attributes the header left out taken from the parsed data set ``ds``
+    (the bytes the stored file will hold)."""
+    return Facts(header, association, fallback=lambda attribute: _element_value(ds, attribute))
+
+
+def _element_value(ds: Dataset, attribute: Attribute):
+    if attribute.tag is None:
+        return None
+    try:
+        element = ds.get(attribute.tag)
+    except Exception:
+        return None
+    if element is None or isinstance(element.value, bytes | bytearray):
+        return None
+    value = element.value
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    return str(value)
+
+
+@dataclass
+class Decision:
+    """Where an instance goes: ``status`` is its routing status afterwards (UNMATCHED,
+    ROUTED, or PENDING while a per-study rule waits); ``deliveries`` maps each node decided
+    now to the first matching rule sending there."""
+
+    status: str
+    deliveries: dict[int, Rule] = field(default_factory=dict)
+
+
+def decide(rules: list[Rule], facts: Facts, quiet_for: float) -> Decision:
+    """Evaluate ``rules`` (enabled, in order, destinations prefetched) against ``facts``;
+    ``quiet_for``: seconds since the study last received an instance. No database access."""
+    matched = matching_rules(rules, facts)
+    if not matched:
+        return Decision(RoutingStatus.UNMATCHED)
+    decided: dict[int, Rule] = {}
+    waiting = False
+    for rule in matched:
+        if rule.mode == RoutingMode.STUDY and quiet_for < rule.study_quiet_seconds:
+            waiting = True
+            continue
+        for node in rule.destinations.all():
+            decided.setdefault(node.pk, rule)
+    return Decision(RoutingStatus.PENDING if waiting else RoutingStatus.ROUTED, decided)
+
+
+def _delivery_row(instance_id: int, version: int, node_id: int, rule: Rule,
+                  now: datetime) -> dict:
+    return {
+        "instance_id": instance_id,
+        "node_id": node_id,
+        "rule_id": rule.pk,
+        "rule_name": rule.name,
+        "coerce": list(rule.coerce or []),
+        "instance_version": version,
+        "status": DeliveryStatus.PENDING,
+        "next_attempt_at": now,
+    }
+
+
+def can_record(decision: Decision) -> bool:
+    """Inside the storing transaction, before the instance row is written: whether the
+    nodes and rules ``decision`` names still exist (the association's rules may be older
+    than a deletion). They are locked against deletion until commit, so the deliveries
+    :func:`record_decision` inserts cannot fail their foreign keys at commit."""
+    if not decision.deliveries:
+        return True
+    node_ids = sorted(decision.deliveries)
+    rule_ids = sorted({rule.pk for rule in decision.deliveries.values()})
+    qn = connection.ops.quote_name
+    lock = " FOR KEY SHARE" if connection.vendor == "postgresql" else ""
+
+    def locked(model, ids):
+        return (f"SELECT {qn('id')} FROM {qn(model._meta.db_table)} "
+                f"WHERE {qn('id')} IN ({', '.join(['%s'] * len(ids))}){lock}")
+
+    sql_text = (f"WITH n AS ({locked(Node, node_ids)}), r AS ({locked(Rule, rule_ids)}) "
+                "SELECT (SELECT COUNT(*) FROM n), (SELECT COUNT(*) FROM r)")
+    with connection.cursor() as cursor:
+        cursor.execute(sql_text, [*node_ids, *rule_ids])
+        nodes, rules = cursor.fetchone()
+    return (nodes, rules) == (len(node_ids), len(rule_ids))
+
+
+def record_decision(instance_id: int, version: int, decision: Decision,
+                    now: datetime) -> None:
+    """Inside the storing transaction, for an instance just inserted with
+    ``decision.status``: insert its deliveries (PENDING, due ``now``) and enqueue their
+    nodes once the transaction commits, as :func:`route_instance` does."""
+    if not decision.deliveries:
+        return
+    sql.insert(Delivery, [
+        _delivery_row(instance_id, version, node_id, rule, now)
+        for node_id, rule in decision.deliveries.items()
+    ])
+    node_ids = sorted(decision.deliveries)
+    transaction.on_commit(lambda: enqueue_nodes(node_ids))
 
 
 def enabled_rules() -> list[Rule]:
@@ -97,22 +204,16 @@ def route_instance(instance_id: int, now: datetime | None = None,
         )
         if instance is None or instance.routing_status != RoutingStatus.PENDING:
             return instance.routing_status if instance else ""
-        matched = matching_rules(rules, facts_for(instance))
-        if not matched:
+        quiet_for = (now - instance.study.last_received_at).total_seconds()
+        decision = decide(rules, facts_for(instance), quiet_for)
+        if decision.status == RoutingStatus.UNMATCHED:
             instance.routing_status = RoutingStatus.UNMATCHED
             instance.routed_at = now
             instance.save(update_fields=["routing_status", "routed_at"])
             return instance.routing_status
 
-        quiet_for = (now - instance.study.last_received_at).total_seconds()
-        decided: dict[int, Rule] = {}
-        waiting = False
-        for rule in matched:
-            if rule.mode == RoutingMode.STUDY and quiet_for < rule.study_quiet_seconds:
-                waiting = True
-                continue
-            for node in rule.destinations.all():
-                decided.setdefault(node.pk, rule)
+        decided = decision.deliveries
+        waiting = decision.status == RoutingStatus.PENDING
         existing = set(
             Delivery.objects.filter(
                 instance=instance, instance_version=instance.version

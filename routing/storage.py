@@ -3,7 +3,10 @@
 :func:`store_instance` takes the instance exactly as it came over the network (file meta +
 data set bytes, never decoded and re-encoded), writes it durably under
 ``<GATEWAY_DATA_DIR>/store/<study>/<series>/<sop instance>.dcm`` and records it, and only
-then says Success. Routing happens after, on the committed row (:mod:`routing.routing`).
+then says Success. Given the association's rules, it also decides where a new instance goes
+in the same transaction (:func:`routing.routing.decide`: the header, the association and
+the parsed data set are in memory, so nothing is read back); otherwise, and for a replaced
+instance, routing happens after, on the committed row (:func:`routing.routing.route_instance`).
 
 Durability: the bytes go to a temporary file in the destination directory (same
 filesystem), are fsynced, renamed over the final name, and the directory is fsynced; the
@@ -27,6 +30,7 @@ Duplicates (the same SOP Instance UID received again), by ``GATEWAY_DUPLICATE_PO
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -37,19 +41,26 @@ from enum import IntEnum
 from io import BytesIO
 from pathlib import Path
 
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from gateway import sql
+
 from .models import Delivery, DeliveryStatus, ReceivedInstance, ReceivedStudy, RoutingStatus
+from .routing import Decision, can_record, decide, facts_from_dataset, record_decision
 
 logger = logging.getLogger(__name__)
 
 MAX_HEADER_VALUE = 1024
 # Values rules cannot compare as text; the stored file still has them.
 SKIPPED_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
+# An element read with one of these explicit VRs keeps it when decoded (UN may become the
+# dictionary VR), so it is left out without decoding it: sequences would be parsed in full.
+_SKIPPED_RAW_VRS = SKIPPED_VRS - {"UN"}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -126,9 +137,14 @@ class StoreRefused(Exception):
         self.comment = comment
 
 
-def store_instance(encoded: bytes, origin: Origin, config: StorageConfig) -> StoreResult:
+def store_instance(encoded: bytes, origin: Origin, config: StorageConfig,
+                   rules: list | None = None) -> StoreResult:
     """Store ``encoded`` (Part 10 bytes: preamble, file meta with the transfer syntax, data
     set as received) and record it; return the status to answer the C-STORE with.
+
+    ``rules``: the enabled rules (destinations prefetched) to route a new instance with in
+    the storing transaction; its deliveries are enqueued once that commits. Without them,
+    or when deciding fails, the result asks for routing after commit (``route``).
 
     0xA700 when free space under the data directory would drop below ``min_free_mb``;
     0xC210 when the data set cannot be parsed or lacks the UIDs it is filed by; 0xA900 when
@@ -137,7 +153,7 @@ def store_instance(encoded: bytes, origin: Origin, config: StorageConfig) -> Sto
     """
     try:
         ds = _parse(encoded)
-        return _store(encoded, ds, _uids(ds), origin, config)
+        return _store(encoded, ds, _uids(ds), origin, config, rules)
     except StoreRefused as refused:
         logger.warning("C-STORE from %s refused (0x%04X): %s",
                        origin.calling_ae, refused.status, refused.comment)
@@ -196,8 +212,23 @@ def _check_free_space(config: StorageConfig, size: int) -> None:
                            f"less than {config.min_free_mb} MB free for received instances")
 
 
+def _decide(rules: list | None, header: dict, origin: Origin, ds: Dataset) -> Decision | None:
+    """The routing decision for a new instance, or None to route it after commit."""
+    if rules is None:
+        return None
+    association = {"calling_ae": origin.calling_ae[:16], "called_ae": origin.called_ae[:16],
+                   "source_ip": origin.source_ip[:64]}
+    try:
+        # The study has just received this instance: it has been quiet for 0 seconds.
+        return decide(rules, facts_from_dataset(header, association, ds), 0.0)
+    except Exception:
+        logger.exception("routing %s failed; it is routed after storing",
+                         ds.get("SOPInstanceUID", "?"))
+        return None
+
+
 def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
-           config: StorageConfig) -> StoreResult:
+           config: StorageConfig, rules: list | None = None) -> StoreResult:
     if config.duplicate_policy != DuplicatePolicy.REPLACE:
         existing = ReceivedInstance.objects.filter(sop_instance_uid=uids.sop_instance).first()
         if existing is not None and config.duplicate_policy == DuplicatePolicy.KEEP:
@@ -212,6 +243,7 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
     previous_path: str | None = None
     try:
         header = header_as_json(ds)
+        decision = _decide(rules, header, origin, ds)
         with transaction.atomic():
             now = timezone.now()
             study_id = _upsert_study(ds, uids.study, now)
@@ -232,20 +264,28 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                 "routed_at": None,
                 "file_deleted_at": None,
             }
-            # Most instances are new: insert straight away; a duplicate (already there, or
-            # stored meanwhile by another association) trips the unique SOP Instance UID
-            # and takes the locked path below.
-            instance = ReceivedInstance(sop_instance_uid=uids.sop_instance, version=1, **fields)
-            try:
-                with transaction.atomic():
-                    instance.save(force_insert=True)
-            except IntegrityError:
+            # Most instances are new: insert straight away, routed when the rules allow; a
+            # duplicate (already there, or stored meanwhile by another association) hits
+            # the unique SOP Instance UID, is not inserted, and takes the locked path below.
+            if decision is not None and not can_record(decision):
+                decision = None
+            status = decision.status if decision is not None else RoutingStatus.PENDING
+            instance_id = sql.insert_new(ReceivedInstance, {
+                **fields, "sop_instance_uid": uids.sop_instance, "version": 1,
+                "routing_status": status,
+                "routed_at": None if status == RoutingStatus.PENDING else now,
+            }, unique="sop_instance_uid")
+            if instance_id is not None:
+                if decision is not None:
+                    record_decision(instance_id, 1, decision, now)
+            else:
+                decision = None
                 instance = (
                     ReceivedInstance.objects.select_for_update()
                     .filter(sop_instance_uid=uids.sop_instance).first()
                 )
                 if instance is None:
-                    raise
+                    raise RuntimeError(f"{uids.sop_instance} neither inserted nor found")
                 if config.duplicate_policy != DuplicatePolicy.REPLACE:
                     # Another association stored it between our check and our insert.
                     raise StoreRefused(StoreStatus.DUPLICATE_REJECTED
@@ -265,6 +305,7 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                 for name, value in fields.items():
                     setattr(instance, name, value)
                 instance.save()
+                instance_id = instance.pk
             # Last step before commit: from here on, the file is the one the row describes.
             os.replace(temp, final)
             renamed = True
@@ -284,7 +325,7 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                            f"instance could not be stored: {type(exc).__name__}") from None
     if previous_path and previous_path != str(final):
         _discard(previous_path)
-    return StoreResult(StoreStatus.SUCCESS, instance_id=instance.pk, route=True)
+    return StoreResult(StoreStatus.SUCCESS, instance_id=instance_id, route=decision is None)
 
 
 _STUDY_FIELDS = (
@@ -300,42 +341,49 @@ def _upsert_study(ds: Dataset, study_uid: str, now) -> int:
     """Create or update the study row (locking it until commit) in one statement; return
     its id. Fields the instance has a value for overwrite the study's; the instance's
     modality is added to the study's modalities."""
-    qn = connection.ops.quote_name
-    table = qn(ReceivedStudy._meta.db_table)
     values = {field: (_text(ds, keyword) or "")[:size] for field, keyword, size in _STUDY_FIELDS}
     modality = _text(ds, "Modality")
     stamp = connection.ops.adapt_datetimefield_value(now)
-    columns = ["study_instance_uid", *values, "modalities", "first_received_at",
-               "last_received_at", "study_routed_at"]
     params = [study_uid, *values.values(), modality if len(modality) <= 64 else "",
               stamp, stamp, None]
-    updates = [f"{qn('last_received_at')} = EXCLUDED.{qn('last_received_at')}",
-               # A study that grows after it was routed as a whole is routed again once quiet.
-               f"{qn('study_routed_at')} = NULL"]
-    updates += [
-        f"{qn(field)} = CASE WHEN EXCLUDED.{qn(field)} = '' THEN {table}.{qn(field)} "
-        f"ELSE EXCLUDED.{qn(field)} END"
-        for field in values
-    ]
-    sql = (
-        f"INSERT INTO {table} ({', '.join(qn(c) for c in columns)}) "
-        f"VALUES ({', '.join(['%s'] * len(columns))}) "
-        f"ON CONFLICT ({qn('study_instance_uid')}) DO UPDATE SET {', '.join(updates)} "
-        f"RETURNING {qn('id')}, {qn('modalities')}"
-    )
+    upsert, merge = _study_sql()
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(upsert, params)
         study_id, modalities_text = cursor.fetchone()
         # The row is locked by this transaction now: merging the modality is race-free.
         modalities = [m for m in (modalities_text or "").split("\\") if m]
         if modality and modality not in modalities:
             candidate = "\\".join([*modalities, modality])
             if len(candidate) <= 64:
-                cursor.execute(
-                    f"UPDATE {table} SET {qn('modalities')} = %s WHERE {qn('id')} = %s",
-                    [candidate, study_id],
-                )
+                cursor.execute(merge, [candidate, study_id])
     return study_id
+
+
+@functools.cache
+def _study_sql() -> tuple[str, str]:
+    """The study upsert (INSERT ... ON CONFLICT ... RETURNING id, modalities) and the
+    modalities update, built once."""
+    qn = connection.ops.quote_name
+    table = qn(ReceivedStudy._meta.db_table)
+    fields = [field for field, _keyword, _size in _STUDY_FIELDS]
+    columns = ["study_instance_uid", *fields, "modalities", "first_received_at",
+               "last_received_at", "study_routed_at"]
+    updates = [f"{qn('last_received_at')} = EXCLUDED.{qn('last_received_at')}",
+               # A study that grows after it was routed as a whole is routed again once quiet.
+               f"{qn('study_routed_at')} = NULL"]
+    updates += [
+        f"{qn(field)} = CASE WHEN EXCLUDED.{qn(field)} = '' THEN {table}.{qn(field)} "
+        f"ELSE EXCLUDED.{qn(field)} END"
+        for field in fields
+    ]
+    upsert = (
+        f"INSERT INTO {table} ({', '.join(qn(c) for c in columns)}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))}) "
+        f"ON CONFLICT ({qn('study_instance_uid')}) DO UPDATE SET {', '.join(updates)} "
+        f"RETURNING {qn('id')}, {qn('modalities')}"
+    )
+    merge = f"UPDATE {table} SET {qn('modalities')} = %s WHERE {qn('id')} = %s"
+    return upsert, merge
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -354,6 +402,9 @@ def header_as_json(ds: Dataset) -> dict:
     header: dict = {}
     for tag in sorted(ds.keys()):
         try:
+            raw = ds.get_item(tag)
+            if isinstance(raw, RawDataElement) and raw.VR in _SKIPPED_RAW_VRS:
+                continue
             # Reading the element decodes it (pydicom reads values lazily), which raises for
             # a garbled VR or length: iterating the dataset would fail the whole header.
             element = ds[tag]

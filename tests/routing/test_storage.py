@@ -10,6 +10,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from routing.models import ReceivedInstance, ReceivedStudy
 from routing.storage import (
@@ -70,10 +71,10 @@ def test_a_write_that_fails_leaves_no_file_and_no_row(config, tmp_path, monkeypa
 def test_a_row_that_cannot_be_saved_leaves_no_file(config, tmp_path, monkeypatch):
     path = sample_file("explicit", tmp_path / "in")
 
-    def failing_save(self, *args, **kwargs):
+    def failing_insert(*args, **kwargs):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(ReceivedInstance, "save", failing_save)
+    monkeypatch.setattr("routing.storage.sql.insert_new", failing_insert)
 
     result = store_instance(path.read_bytes(), ORIGIN, config)
 
@@ -145,3 +146,19 @@ def test_the_study_collects_its_modalities(config, tmp_path):
     assert received.modalities == "CT\\MR"
     assert received.instances.count() == 2
     assert dcmread(ct).Modality == "CT"
+
+
+@pytest.mark.parametrize("calling_ae", ["", "CT1", "MODALITY_AE_16CH"])
+@pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.826.0.1.3680043.8.498.10"])
+def test_the_file_meta_is_encoded_as_pynetdicom_would(calling_ae, sop_instance):
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from routing.dicom_handlers import _file_meta
+
+    meta = create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance,
+                            transfer_syntax=ExplicitVRLittleEndian)
+    if calling_ae:
+        meta.SourceApplicationEntityTitle = calling_ae
+
+    assert _file_meta(str(CTImageStorage), sop_instance, str(ExplicitVRLittleEndian),
+                      calling_ae) == encode_file_meta(meta)

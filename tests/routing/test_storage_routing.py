@@ -7,7 +7,8 @@ import pytest
 from pydicom import dcmread
 
 from routing.models import Delivery, DeliveryStatus, ReceivedInstance, RoutingStatus
-from routing.routing import route_pending_instances
+from routing.routing import enabled_rules, route_pending_instances
+from routing.storage import Origin, StorageConfig, store_instance
 from tests.fixtures_storage import dcmsend, make_node, make_rule, sample_file
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -44,9 +45,11 @@ def test_an_instance_whose_routing_failed_is_stored_and_routed_by_the_sweep(
 ):
     make_rule("CT to pacs1", CT_FROM_CT1, [make_node("pacs1")])
 
-    def broken(instance_id, **kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("rules unavailable")
 
+    # Both ways in: deciding while storing, and routing the committed row afterwards.
+    monkeypatch.setattr("routing.storage.decide", broken)
     monkeypatch.setattr("routing.dicom_handlers.route_instance", broken)
 
     result = dcmsend(storage_server.port, sample_file("explicit", tmp_path), calling_ae="CT2")
@@ -74,3 +77,39 @@ def test_a_replaced_instance_is_routed_again_and_its_waiting_delivery_superseded
         (1, DeliveryStatus.ABANDONED), (2, DeliveryStatus.PENDING)
     ]
     assert ReceivedInstance.objects.get().version == 2
+
+
+def test_an_instance_stored_with_rules_naming_a_deleted_node_is_left_for_routing_after(
+    tmp_path, enqueued
+):
+    node = make_node("pacs1")
+    make_rule("everything to pacs1", [], [node])
+    rules = enabled_rules()  # as an association loaded them before the node went
+    node.delete()
+    config = StorageConfig(data_dir=tmp_path / "data", min_free_mb=0)
+
+    result = store_instance(sample_file("explicit", tmp_path).read_bytes(), Origin("CT1"),
+                            config, rules)
+
+    assert (result.ok, result.route) == (True, True)
+    assert ReceivedInstance.objects.get().routing_status == RoutingStatus.PENDING
+    assert not Delivery.objects.exists() and enqueued == []
+
+
+def test_an_instance_stored_with_rules_is_routed_in_the_same_transaction(tmp_path, enqueued):
+    node = make_node("pacs1")
+    make_rule("CT to pacs1", CT_FROM_CT1, [node])
+    config = StorageConfig(data_dir=tmp_path / "data", min_free_mb=0)
+
+    result = store_instance(sample_file("explicit", tmp_path).read_bytes(), Origin("CT1"),
+                            config, enabled_rules())
+
+    assert (result.ok, result.route) == (True, False)
+    instance = ReceivedInstance.objects.get()
+    assert (instance.routing_status, instance.routed_at) == (RoutingStatus.ROUTED,
+                                                             instance.received_at)
+    delivery = Delivery.objects.get()
+    assert (delivery.instance, delivery.node, delivery.instance_version, delivery.coerce) == (
+        instance, node, 1, []
+    )
+    assert enqueued == [node.pk]
