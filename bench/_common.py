@@ -130,11 +130,17 @@ def gateway_env(database_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def project_importable() -> None:
+    """Put the project's root on sys.path (bench/ is first when a script in it runs), so the
+    gateway's packages and tests.servers can be imported."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
 def setup_django(database_url: str) -> None:
     """Configure Django in this process against the bench database (for bulk inserts)."""
     os.environ.update(gateway_env(database_url))
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    project_importable()
     import django
 
     django.setup()

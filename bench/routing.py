@@ -45,9 +45,13 @@ from _common import (
     log,
     manage_service,
     percentile,
+    project_importable,
     recreate_database,
     setup_django,
 )
+
+project_importable()
+from tests.servers import orthanc_config  # noqa: E402  (needs the project's root on sys.path)
 
 ORTHANC = "/usr/sbin/Orthanc"
 GATEWAY_AE = "GATEWAY"
@@ -147,24 +151,8 @@ class Orthanc:
     def start(self) -> Orthanc:
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True)
-        config = {
-            "Name": "bench-pacs",
-            "DicomAet": ORTHANC_AE,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "StorageDirectory": str(self.directory / "storage"),
-            "IndexDirectory": str(self.directory / "storage"),
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True,
-            "OverwriteInstances": True,
-            "Plugins": [],
-            "SaveJobs": False,
-            "HttpThreadsCount": 4,
-            "DicomThreadsCount": 4,
-        }
+        config = orthanc_config("bench-pacs", ORTHANC_AE, self.dicom_port, self.http_port,
+                                self.directory)
         (self.directory / "orthanc.json").write_text(json.dumps(config, indent=2))
         env = {**os.environ, "TCP_NODELAY": "1"}
         self.log = open(self.directory / "orthanc.log", "ab")  # noqa: SIM115

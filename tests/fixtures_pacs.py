@@ -30,7 +30,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.servers import free_port, process_env
+from tests.servers import free_port, orthanc_config, process_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ORTHANC = "/usr/sbin/Orthanc"
@@ -83,29 +83,11 @@ class Orthanc:
         return self.directory / "received.log"
 
     def start(self) -> Orthanc:
-        config = {
-            "Name": "test-pacs",
-            "DicomAet": self.ae_title,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "StorageDirectory": str(self.directory / "storage"),
-            "IndexDirectory": str(self.directory / "storage"),
-            # Orthanc 1.10 has no option to bind to one address: the HTTP API refuses other
-            # hosts, and the tests only connect to 127.0.0.1.
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True,
-            "OverwriteInstances": True,
-            "Plugins": [],
-            "LuaScripts": [str(self.directory / "received.lua")],
-            "SaveJobs": False,
-            "ConcurrentJobs": 1,
-            "HttpThreadsCount": 4,
-            "DicomThreadsCount": 4,
+        config = orthanc_config(
+            "test-pacs", self.ae_title, self.dicom_port, self.http_port, self.directory,
+            LuaScripts=[str(self.directory / "received.lua")], ConcurrentJobs=1,
             **self.config,
-        }
+        )
         (self.directory / "received.lua").write_text(RECEIVED_LOG_LUA)
         (self.directory / "orthanc.json").write_text(json.dumps(config, indent=2))
         env = {**os.environ, "TCP_NODELAY": "1", "ORTHANC_RECEIVED_LOG": str(self.received_log)}

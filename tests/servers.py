@@ -74,6 +74,34 @@ def gateway_command(args: list[str], env: dict[str, str], timeout: float = 60) -
                 proc.wait()
 
 
+def orthanc_config(name: str, ae_title: str, dicom_port: int, http_port: int,
+                   directory: Path, **extra) -> dict:
+    """The configuration of an Orthanc acting as a destination PACS for tests and benchmarks:
+    its own storage under ``directory``, no plugin, no authentication, stores anything sent
+    to its AE title (a second copy overwrites the first); ``extra`` adds or overrides keys."""
+    return {
+        "Name": name,
+        "DicomAet": ae_title,
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "StorageDirectory": str(directory / "storage"),
+        "IndexDirectory": str(directory / "storage"),
+        # Orthanc 1.10 has no option to bind to one address: the HTTP API refuses other
+        # hosts, and the tests only connect to 127.0.0.1.
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": True,
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowEcho": True,
+        "OverwriteInstances": True,
+        "Plugins": [],
+        "SaveJobs": False,
+        "HttpThreadsCount": 4,
+        "DicomThreadsCount": 4,
+        **extra,
+    }
+
+
 def process_env(database_name: str, **extra: str) -> dict[str, str]:
     """The environment of a gateway process that shares the test database."""
     env = dict(os.environ)
