@@ -172,6 +172,13 @@ def redirect_back(request: HttpRequest, default: str):
     return redirect(default)
 
 
+def posted_switch(request: HttpRequest, current: bool) -> bool:
+    """The state an Enable/Disable button asks for: its ``enabled`` value ("1" or "0"); a
+    form without it flips ``current``."""
+    wanted = request.POST.get("enabled")
+    return wanted == "1" if wanted in ("0", "1") else not current
+
+
 def client_ip(request: HttpRequest) -> str:
     """The browser's address: the socket peer, or behind the TLS proxy
     (``DJANGO_BEHIND_TLS_PROXY``) the address the proxy appended last to X-Forwarded-For; the

@@ -310,14 +310,19 @@ def _save_named(obj, kind: str) -> None:
 def set_node_enabled(node_id: int, enabled: bool) -> Node:
     """Enable or disable a node, audited as ``routing.node.updated``. A disabled node still
     gets deliveries decided for it; they wait until it is enabled again."""
+    return _set_enabled(Node, node_id, enabled, "routing.node.updated")
+
+
+def _set_enabled(model, pk: int, enabled: bool, action: str):
+    """Set ``enabled`` on a node or rule (locked), audited with before and after when it
+    changes; returns the row."""
     with transaction.atomic():
-        node = Node.objects.select_for_update().get(pk=node_id)
-        if node.enabled != enabled:
-            node.enabled = enabled
-            node.save(update_fields=["enabled", "updated_at"])
-            audit.record_change("routing.node.updated", node, {"enabled": not enabled},
-                                {"enabled": enabled})
-    return node
+        obj = model.objects.select_for_update().get(pk=pk)
+        if obj.enabled != enabled:
+            obj.enabled = enabled
+            obj.save(update_fields=["enabled", "updated_at"])
+            audit.record_change(action, obj, {"enabled": not enabled}, {"enabled": enabled})
+    return obj
 
 
 def delete_node(node_id: int) -> tuple[str, list[str]]:
@@ -336,7 +341,7 @@ def delete_node(node_id: int) -> tuple[str, list[str]]:
         open_count = sum(counts.get(s, 0) for s in DeliveryStatus.open())
         if open_count:
             raise NodeInUse(
-                f"{node.name} cannot be deleted: {_deliveries(open_count)} to it "
+                f"{node.name} cannot be deleted: {deliveries_text(open_count)} to it "
                 "still have to be sent (pending, sending or failed). Let them be delivered "
                 "or abandon them on the Deliveries page first. To stop sending to it, take "
                 "it out of its rules and disable it."
@@ -345,7 +350,7 @@ def delete_node(node_id: int) -> tuple[str, list[str]]:
             kinds = ", ".join(f"{counts[s]} {s.label.split(' ')[0].lower()}"
                               for s in DeliveryStatus if s in counts)
             raise NodeInUse(
-                f"{node.name} cannot be deleted: {_deliveries(sum(counts.values()))} "
+                f"{node.name} cannot be deleted: {deliveries_text(sum(counts.values()))} "
                 f"({kinds}) refer to it and are kept as the record of what was sent where. "
                 "To retire it, take it out of its rules and disable it."
             )
@@ -370,7 +375,8 @@ def delete_node(node_id: int) -> tuple[str, list[str]]:
     return name, [rule.name for rule in rules]
 
 
-def _deliveries(count: int) -> str:
+def deliveries_text(count: int) -> str:
+    """The count with its noun: "1 delivery", "3 deliveries"."""
     return f"{count} {'delivery' if count == 1 else 'deliveries'}"
 
 
@@ -431,14 +437,7 @@ def save_rule(rule: Rule | None, data: Mapping[str, Any]) -> tuple[Rule, bool]:
 
 def set_rule_enabled(rule_id: int, enabled: bool) -> Rule:
     """Enable or disable a rule, audited as ``routing.rule.updated``."""
-    with transaction.atomic():
-        rule = Rule.objects.select_for_update().get(pk=rule_id)
-        if rule.enabled != enabled:
-            rule.enabled = enabled
-            rule.save(update_fields=["enabled", "updated_at"])
-            audit.record_change("routing.rule.updated", rule, {"enabled": not enabled},
-                                {"enabled": enabled})
-    return rule
+    return _set_enabled(Rule, rule_id, enabled, "routing.rule.updated")
 
 
 def delete_rule(rule_id: int) -> str:

@@ -18,7 +18,15 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from gateway.web import CONFIGURE, OPERATE, VIEW, can, redirect_back, role_required
+from gateway.web import (
+    CONFIGURE,
+    OPERATE,
+    VIEW,
+    can,
+    posted_switch,
+    redirect_back,
+    role_required,
+)
 
 from .. import config
 from ..models import Node
@@ -136,9 +144,7 @@ def node_delete(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def node_toggle(request: HttpRequest, pk: int) -> HttpResponse:
     node = get_object_or_404(Node, pk=pk)
-    # The page says which way the button goes; without it, the switch flips.
-    wanted = request.POST.get("enabled")
-    enabled = not node.enabled if wanted not in ("0", "1") else wanted == "1"
+    enabled = posted_switch(request, node.enabled)
     node = config.set_node_enabled(node.pk, enabled)
     if node.enabled:
         messages.success(request, f"Node {node.name} enabled.")

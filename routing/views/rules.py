@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from gateway.web import CONFIGURE, VIEW, can, role_required
+from gateway.web import CONFIGURE, VIEW, can, posted_switch, role_required
 
 from .. import config
 from ..models import MatchMode, Node, ReceivedInstance, RoutingMode, Rule
@@ -366,8 +366,7 @@ def rule_delete(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def rule_toggle(request: HttpRequest, pk: int) -> HttpResponse:
     rule = get_object_or_404(Rule, pk=pk)
-    wanted = request.POST.get("enabled")
-    enabled = not rule.enabled if wanted not in ("0", "1") else wanted == "1"
+    enabled = posted_switch(request, rule.enabled)
     rule = config.set_rule_enabled(rule.pk, enabled)
     messages.success(request, f"Rule {rule.name} {'enabled' if rule.enabled else 'disabled'}.")
     return redirect("rule-list")

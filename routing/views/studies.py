@@ -28,7 +28,7 @@ from gateway.web import (
     role_required,
 )
 
-from .. import delivery
+from .. import config, delivery
 from ..models import (
     Delivery,
     DeliveryStatus,
@@ -299,10 +299,6 @@ def _enqueue(node_id: int) -> None:
     enqueue_nodes([node_id])
 
 
-def _deliveries(n: int) -> str:
-    return f"{n} {'delivery' if n == 1 else 'deliveries'}"
-
-
 @role_required(OPERATE)
 @require_POST
 def delivery_retry(request: HttpRequest, pk: int) -> HttpResponse:
@@ -337,14 +333,15 @@ def node_retry_failed(request: HttpRequest, pk: int) -> HttpResponse:
     node = get_object_or_404(Node, pk=pk)
     retried = delivery.retry_node(node.pk, _enqueue)
     if retried:
-        messages.success(request, f"{_deliveries(len(retried))} to {node.name} queued again.")
+        count = config.deliveries_text(len(retried))
+        messages.success(request, f"{count} to {node.name} queued again.")
     left = Delivery.objects.filter(
         node=node, status__in=delivery.RETRYABLE, instance__file_deleted_at__isnull=True
     ).count()
     if left:
         # A long outage leaves more than one request should take: the rest on the next press.
-        messages.warning(request, f"{_deliveries(left)} to {node.name} are still failed or "
-                                  "dead: press “Retry all failed” again for them.")
+        messages.warning(request, f"{config.deliveries_text(left)} to {node.name} are still "
+                                  "failed or dead: press “Retry all failed” again for them.")
     elif not retried:
         messages.info(request, f"No failed or dead deliveries to {node.name} to retry.")
     return redirect_back(request, reverse("delivery-list") + query_string(node=node.pk))
