@@ -68,7 +68,7 @@ class Patient(models.Model):
     # DICOM PN form: Family^Given^Middle^Prefix^Suffix (alphabetic group only).
     name = models.CharField(max_length=324, blank=True, default="")
     # Upper-cased name for case-insensitive PatientName matching on an index.
-    name_key = models.CharField(max_length=324, blank=True, default="", db_index=True)
+    name_key = models.CharField(max_length=324, blank=True, default="")
     birth_date = models.CharField(max_length=8, blank=True, default="")  # YYYYMMDD
     sex = models.CharField(max_length=16, blank=True, default="")
     other_ids = models.JSONField(default=list, blank=True)  # [{"id":..., "issuer":..., "type":...}]
@@ -117,15 +117,16 @@ class ImagingOrder(models.Model):
     """One Requested Procedure with the Imaging Service Request identifiers it came with
     (one ORC/OBR group of an ORM, or one IPC group's requested procedure of an OMI)."""
 
-    patient = models.ForeignKey(Patient, on_delete=models.PROTECT, related_name="orders")
+    patient = models.ForeignKey(Patient, on_delete=models.PROTECT, related_name="orders",
+                                db_index=False)
     status = models.CharField(max_length=16, choices=OrderStatus.choices, default=OrderStatus.OPEN)
     sending_application = models.CharField(max_length=180, blank=True, default="")
     sending_facility = models.CharField(max_length=180, blank=True, default="")
-    placer_order_number = models.CharField(max_length=64, blank=True, default="", db_index=True)
-    filler_order_number = models.CharField(max_length=64, blank=True, default="", db_index=True)
-    accession_number = models.CharField(max_length=16, blank=True, default="", db_index=True)
+    placer_order_number = models.CharField(max_length=64, blank=True, default="")
+    filler_order_number = models.CharField(max_length=64, blank=True, default="")
+    accession_number = models.CharField(max_length=16, blank=True, default="")
     requested_procedure_id = models.CharField(max_length=16, blank=True, default="")
-    study_instance_uid = models.CharField(max_length=64, db_index=True)
+    study_instance_uid = models.CharField(max_length=64)
     requested_procedure_description = models.CharField(max_length=64, blank=True, default="")
     # Requested Procedure Code Sequence: [{"value":..., "scheme":..., "meaning":...}]
     requested_procedure_codes = models.JSONField(default=list, blank=True)
@@ -142,8 +143,16 @@ class ImagingOrder(models.Model):
     )
 
     class Meta:
+        # Every index here is paid on each order an HL7 message creates: one per column,
+        # pattern ops where MWL matching may use a wildcard (they serve equality too).
         indexes = [
-            models.Index(fields=["patient", "status"]),
+            models.Index(fields=["patient", "status"]),  # also the patient foreign key's
+            *(models.Index(fields=[column], name=f"order_{short}_pattern_idx",
+                           opclasses=["varchar_pattern_ops"])
+              for column, short in (("placer_order_number", "placer"),
+                                    ("filler_order_number", "filler"),
+                                    ("accession_number", "accession"))),
+            models.Index(fields=["study_instance_uid"], name="order_study_uid_idx"),
             # RequestedProcedureID equality and prefix wildcard matching in MWL queries.
             models.Index(
                 fields=["requested_procedure_id"],
@@ -162,7 +171,7 @@ class ScheduledStep(models.Model):
     order = models.ForeignKey(ImagingOrder, on_delete=models.CASCADE, related_name="steps")
     sps_id = models.CharField(max_length=16)
     status = models.CharField(
-        max_length=16, choices=StepStatus.choices, default=StepStatus.SCHEDULED, db_index=True
+        max_length=16, choices=StepStatus.choices, default=StepStatus.SCHEDULED
     )
     modality = models.CharField(max_length=16, blank=True, default="")
     station_ae_title = models.CharField(max_length=16, blank=True, default="")
@@ -293,12 +302,12 @@ class HL7Message(models.Model):
     receiving_application = models.CharField(max_length=180, blank=True, default="")
     receiving_facility = models.CharField(max_length=180, blank=True, default="")
     control_id = models.CharField(max_length=199, blank=True, default="")
-    message_type = models.CharField(max_length=20, blank=True, default="", db_index=True)
+    message_type = models.CharField(max_length=20, blank=True, default="")
     version = models.CharField(max_length=10, blank=True, default="")
-    status = models.CharField(max_length=16, choices=MessageStatus.choices, db_index=True)
+    status = models.CharField(max_length=16, choices=MessageStatus.choices)
     error_code = models.CharField(max_length=8, blank=True, default="")
     error_text = models.TextField(blank=True, default="")
-    patient_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    patient_id = models.CharField(max_length=64, blank=True, default="")
     raw = models.BinaryField()
     ack = models.BinaryField(default=b"")
     # Set on the row of a new attempt when an operator reprocessed a refused message.
@@ -312,6 +321,8 @@ class HL7Message(models.Model):
             models.Index(fields=["sending_application", "sending_facility", "control_id"]),
             # Filters of the messages page: control id alone, and type by prefix ("ORM").
             models.Index(fields=["control_id"], name="hl7message_control_id_idx"),
+            models.Index(fields=["status"], name="hl7message_status_idx"),
+            models.Index(fields=["patient_id"], name="hl7message_patient_id_idx"),
             models.Index(
                 fields=["message_type"],
                 name="hl7message_type_pattern_idx",
