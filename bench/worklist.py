@@ -197,6 +197,14 @@ def bench_hl7(report: Report, db_url: str, sizes: Sizes, profile: str | None) ->
         "ms",
         note="parse_message(find_groups=True), no validation",
     )
+    if "gateway" in parse:
+        report.add(
+            sec,
+            "split + map per message, gateway (Message and mapping)",
+            parse["gateway"]["mean_ms"],
+            "ms",
+            note="the listener's own split, reading every value the worklist maps",
+        )
 
     peer_port = free_port()
     peer = Service(
@@ -261,8 +269,10 @@ def bench_hl7(report: Report, db_url: str, sizes: Sizes, profile: str | None) ->
             with py_spy(profile, svc.pid, f"hl7listener-w{workers}-c1"):
                 one = run_mllp(port, n, 1, f"G{workers}A", sizes.hl7_seconds)
             per_message = pg_delta(before, pg_counters(), one["messages"])
+            before = pg_counters()
             with py_spy(profile, svc.pid, f"hl7listener-w{workers}-c4"):
                 four = run_mllp(port, n, 4, f"G{workers}B", sizes.hl7_seconds)
+            per_message_4 = pg_delta(before, pg_counters(), four["messages"])
             rss = svc.peak_rss_mb()
         stored = stored_orders([f"G{workers}A", f"G{workers}B"])
         report.data["hl7_gateway"][str(workers)] = {
@@ -271,6 +281,7 @@ def bench_hl7(report: Report, db_url: str, sizes: Sizes, profile: str | None) ->
             "peak_rss_mb": rss,
             "orders_stored": stored,
             "db_work_per_message": per_message,
+            "db_work_per_message_4": per_message_4,
         }
         w = f"{workers} worker{'s' if workers > 1 else ''}"
         report.add(
@@ -334,10 +345,18 @@ def bench_hl7(report: Report, db_url: str, sizes: Sizes, profile: str | None) ->
         report.add(sec, f"listener peak RSS, {w}", rss, "MB")
         report.add(
             sec,
-            f"DB row writes + scans + commits per message, {w}",
+            f"DB row writes + scans + commits per message, 1 connection, {w}",
             per_message.get("statements~"),
             "",
             note=", ".join(f"{k} {v:.1f}" for k, v in per_message.items() if k != "statements~"),
+        )
+        report.add(
+            sec,
+            f"DB row writes + scans + commits per message, 4 connections, {w}",
+            per_message_4.get("statements~"),
+            "",
+            note=", ".join(f"{k} {v:.2f}" for k, v in per_message_4.items()
+                           if k != "statements~") + " (messages arriving together share a commit)",
         )
 
 
@@ -412,23 +431,39 @@ def run_mllp(port: int, total: int, conns: int, tag: str, max_seconds: float = 6
 
 
 def parse_times(n: int = 200) -> dict:
-    """Mean/p50 parse time per message of ``hl7.parse`` and hl7apy's ``parse_message``."""
+    """Mean/p50 time per message of ``hl7.parse``, hl7apy's ``parse_message`` and, when the
+    gateway is importable, the listener's own split plus reading every mapped value."""
     import _synthetic
     import hl7
     from hl7apy.parser import parse_message
 
-    msgs = [m.decode() for m in _synthetic.orm_messages(n, "PARSE")]
+    raws = _synthetic.orm_messages(n, "PARSE")
+    msgs = [m.decode() for m in raws]
     out = {"n": n, "bytes": round(statistics.mean(len(m) for m in msgs))}
-    for name, fn, reps in (("hl7", hl7.parse, 5), ("hl7apy", parse_message, 1)):
-        fn(msgs[0])
+    candidates = [("hl7", hl7.parse, msgs, 5), ("hl7apy", parse_message, msgs, 1)]
+    try:
+        from worklist.hl7 import mapping
+        from worklist.hl7.parse import Message
+
+        def gateway(raw: bytes) -> None:
+            msg = Message(raw)
+            mapping.patient_info(msg, msg.first("PID"))
+            mapping.procedures(msg)
+
+        candidates.append(("gateway", gateway, raws, 5))
+    except ImportError:
+        pass
+    for name, fn, inputs, reps in candidates:
+        fn(inputs[0])
         times = []
         for _ in range(reps):
-            for m in msgs:
+            for m in inputs:
                 t0 = time.perf_counter()
                 fn(m)
                 times.append(time.perf_counter() - t0)
         out[name] = summary_ms(times)
-    log(f"parse: hl7 {out['hl7']['mean_ms']:.3f} ms, hl7apy {out['hl7apy']['mean_ms']:.3f} ms")
+    log("parse: " + ", ".join(f"{k} {out[k]['mean_ms']:.3f} ms"
+                              for k in ("hl7", "hl7apy", "gateway") if k in out))
     return out
 
 

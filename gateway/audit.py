@@ -73,8 +73,9 @@ def append(events: list[dict]) -> None:
     from .models import AuditEvent
 
     now = timezone.now()
-    with transaction.atomic():
-        with connection.cursor() as cursor:
+    # No savepoint: an event that cannot be appended fails the caller's whole transaction.
+    with transaction.atomic(savepoint=False):
+        with sql.cursor() as cursor:
             if connection.vendor == "postgresql":
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
             cursor.execute(f"SELECT hash FROM {AuditEvent._meta.db_table} "

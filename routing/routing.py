@@ -159,7 +159,7 @@ def can_record(decision: Decision) -> bool:
 
     sql_text = (f"WITH n AS ({locked(Node, node_ids)}), r AS ({locked(Rule, rule_ids)}) "
                 "SELECT (SELECT COUNT(*) FROM n), (SELECT COUNT(*) FROM r)")
-    with connection.cursor() as cursor:
+    with sql.cursor() as cursor:
         cursor.execute(sql_text, [*node_ids, *rule_ids])
         nodes, rules = cursor.fetchone()
     return (nodes, rules) == (len(node_ids), len(rule_ids))

@@ -347,7 +347,7 @@ def _upsert_study(ds: Dataset, study_uid: str, now) -> int:
     params = [study_uid, *values.values(), modality if len(modality) <= 64 else "",
               stamp, stamp, None]
     upsert, merge = _study_sql()
-    with connection.cursor() as cursor:
+    with sql.cursor() as cursor:
         cursor.execute(upsert, params)
         study_id, modalities_text = cursor.fetchone()
         # The row is locked by this transaction now: merging the modality is race-free.

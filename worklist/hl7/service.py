@@ -80,7 +80,21 @@ def handle_message(raw: bytes, peer: str = "") -> bytes:
         return build_ack(None, ERROR, _internal(exc))
 
 
-def _handle(raw: bytes, peer: str) -> bytes:
+@dataclass
+class _Prepared:
+    """A message whose header was checked and whose segments were split: ready to apply."""
+
+    raw: bytes
+    peer: str
+    header: Header
+    handler: Callable
+    msg: Message
+    patient_id: str
+    ack: bytes
+
+
+def _prepare(raw: bytes, peer: str) -> _Prepared | bytes:
+    """The message ready to apply, or the AE/AR (already stored) when it cannot be."""
     try:
         header = read_header(raw)
     except HL7Error as exc:
@@ -91,23 +105,44 @@ def _handle(raw: bytes, peer: str) -> bytes:
     except HL7Error as exc:
         return _refuse(raw, peer, header, exc)
     patient_id = msg.get(msg.first("PID"), 3)[:64]
-    ack = build_ack(header, ACCEPT)
+    return _Prepared(raw, peer, header, handler, msg, patient_id, build_ack(header, ACCEPT))
+
+
+def _apply(item: _Prepared, events: list[dict]) -> None:
+    """Store the message as ACCEPTED and apply its effect, inside the caller's transaction;
+    its audit events are added to ``events`` for the caller to append."""
+    fields = _record_fields(item.header, item.raw, item.peer, item.patient_id)
+    with acting_as(_actor_for(item.header, item.peer)):
+        (pk,) = sql.insert(HL7Message, [{"status": MessageStatus.ACCEPTED, "ack": item.ack,
+                                         **fields}])
+        record = HL7Message(pk=pk, control_id=fields["control_id"])
+        audit = _Audit(record)
+        audit.received(item.header, MessageStatus.ACCEPTED)
+        item.handler(item.msg, record, audit)
+    events.extend(audit.events)
+
+
+def _handle(raw: bytes, peer: str) -> bytes:
+    item = _prepare(raw, peer)
+    if isinstance(item, bytes):
+        return item
+    return _commit_one(item)
+
+
+def _commit_one(item: _Prepared) -> bytes:
+    """Apply one prepared message in its own transaction; its ACK, or the AE/AR for why not."""
+    raw, peer, header, patient_id = item.raw, item.peer, item.header, item.patient_id
     try:
-        fields = _record_fields(header, raw, peer, patient_id)
-        with acting_as(_actor_for(header, peer)), transaction.atomic():
-            (pk,) = sql.insert(HL7Message, [{"status": MessageStatus.ACCEPTED, "ack": ack,
-                                             **fields}])
-            record = HL7Message(pk=pk, control_id=fields["control_id"])
-            audit = _Audit(record)
-            audit.received(header, MessageStatus.ACCEPTED)
-            handler(msg, record, audit)
-            audit.save()
-        return ack
+        with transaction.atomic():
+            events: list[dict] = []
+            _apply(item, events)
+            audit_trail.append(events)
+        return item.ack
     except HL7Error as exc:
         return _refuse(raw, peer, header, exc, patient_id)
     except IntegrityError as exc:
         if _accepted_before(header):
-            return _store_duplicate(raw, peer, header, patient_id, ack)
+            return _store_duplicate(raw, peer, header, patient_id, item.ack)
         log.exception("integrity error on %s from %s", header.control_id, peer)
         return _refuse(raw, peer, header, _internal(exc), patient_id)
     except DatabaseError as exc:
@@ -122,6 +157,51 @@ def _handle(raw: bytes, peer: str) -> bytes:
     except Exception as exc:  # a bug must not kill the connection or answer AA
         log.exception("failed to apply %s from %s", header.control_id, peer)
         return _refuse(raw, peer, header, _internal(exc), patient_id)
+
+
+def handle_messages(messages: list[tuple[bytes, str]]) -> list[bytes]:
+    """Apply messages that arrived together on different connections (``(raw, peer)``
+    pairs) and return their ACKs in the same order: :func:`handle_message` for each, with
+    one commit for all of them.
+
+    Each message is still stored with its effect in the transaction that commits before its
+    ACK; the messages of a batch simply share that transaction, applied in the given order
+    exactly as one after the other. When any of them fails (its content, a duplicate
+    control ID, a lock), the batch is rolled back and each message applied again in its own
+    transaction, so that one message's error is never another's. Never raises."""
+    acks: list[bytes | None] = [None] * len(messages)
+    ready: list[tuple[int, _Prepared]] = []
+    for index, (raw, peer) in enumerate(messages):
+        try:
+            item = _prepare(raw, peer)
+        except Exception as exc:  # the last line of defence, as in handle_message
+            log.exception("failed to handle a message from %s", peer)
+            item = build_ack(None, ERROR, _internal(exc))
+        if isinstance(item, bytes):
+            acks[index] = item
+        else:
+            ready.append((index, item))
+    if len(ready) > 1:
+        try:
+            with transaction.atomic():
+                events: list[dict] = []
+                for _index, item in ready:
+                    _apply(item, events)
+                audit_trail.append(events)
+        except Exception as exc:
+            log.info("a batch of %d messages was rolled back (%s); applying each on its own",
+                     len(ready), type(exc).__name__)
+        else:
+            for index, item in ready:
+                acks[index] = item.ack
+            ready = []
+    for index, item in ready:
+        try:
+            acks[index] = _commit_one(item)
+        except Exception as exc:
+            log.exception("failed to handle a message from %s", item.peer)
+            acks[index] = build_ack(item.header, ERROR, _internal(exc))
+    return acks  # type: ignore[return-value]
 
 
 def handle_oversize(prefix: bytes, peer: str, limit: int) -> bytes:
@@ -355,7 +435,7 @@ def save_patient(info: mapping.PatientInfo) -> int:
         f"updated_at) VALUES ({', '.join(placeholders)}) "
         f"ON CONFLICT (patient_id, issuer) DO UPDATE SET {', '.join(updates)} RETURNING id"
     )
-    with connection.cursor() as cursor:
+    with sql.cursor() as cursor:
         cursor.execute(statement, params)
         return cursor.fetchone()[0]
 

@@ -15,7 +15,7 @@ import sys
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from worklist.hl7.service import handle_message, handle_oversize
+from worklist.hl7.service import handle_messages, handle_oversize
 from worklist.mllp import MLLPServer, bind_socket
 
 
@@ -28,8 +28,8 @@ class Command(BaseCommand):
                             help="0 picks a free port (printed at start)")
         parser.add_argument("--workers", type=int, default=settings.HL7_WORKERS,
                             help="processes sharing the port (SO_REUSEPORT)")
-        parser.add_argument("--threads", type=int, default=8,
-                            help="database threads per process")
+        parser.add_argument("--threads", type=int, default=settings.HL7_THREADS,
+                            help="database threads per process: batches handled at once")
 
     def handle(self, *args, host: str, port: int, workers: int, threads: int, **options):
         if workers < 1 or threads < 1:
@@ -88,7 +88,7 @@ class Command(BaseCommand):
 
 def _run_worker(sock, threads: int) -> None:
     server = MLLPServer(
-        handle_message,
+        handle_messages,
         handle_oversize,
         max_message_bytes=settings.HL7_MAX_MESSAGE_BYTES,
         idle_timeout=settings.HL7_IDLE_TIMEOUT,
