@@ -106,6 +106,7 @@ class MLLPServer:
         self._in_flight = 0
         self._last_message: dict[asyncio.Task, float] = {}
         self._gather_timer: asyncio.TimerHandle | None = None
+        self._closing = False
         self._server: asyncio.Server | None = None
         self._busy: dict[asyncio.Task, bool] = {}
         self._stopping = False
@@ -142,6 +143,10 @@ class MLLPServer:
         tasks = list(self._busy)
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
+        # Messages still waiting now are not applied: their connections close without an
+        # ACK and the senders send them again.
+        self._closing = True
+        self._fail_waiting()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._close_database_connections)
         await loop.run_in_executor(None, self.executor.shutdown, True)
@@ -216,7 +221,16 @@ class MLLPServer:
         sending = sum(1 for last in self._last_message.values() if last >= lately)
         return len(self._waiting) + self._in_flight >= sending
 
+    def _fail_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for _message, _peer, future, _at in waiting:
+            if not future.done():
+                future.set_exception(ConnectionAbortedError("the HL7 listener is stopping"))
+
     def _start_batches(self) -> None:
+        if self._closing:
+            self._fail_waiting()
+            return
         loop = asyncio.get_running_loop()
         while self._waiting and self._batches < self.threads:
             now = loop.time()
@@ -231,10 +245,10 @@ class MLLPServer:
             size = min(self.max_batch, -(-len(self._waiting) // free))
             batch = self._waiting[:size]
             del self._waiting[:size]
-            self._batches += 1
-            self._in_flight += len(batch)
             handled = loop.run_in_executor(self.executor, _in_thread, self.handler,
                                            [(message, peer) for message, peer, _, _ in batch])
+            self._batches += 1
+            self._in_flight += len(batch)
             handled.add_done_callback(partial(self._batch_done, batch))
 
     def _gather_timeout(self) -> None:

@@ -2,7 +2,7 @@
 
 from django.db import migrations, models
 
-from gateway.schema import AddIndexWithoutLocking
+from gateway.schema import AddIndexWithoutLocking, drop_indexes
 
 
 class Migration(migrations.Migration):
@@ -25,14 +25,26 @@ class Migration(migrations.Migration):
             model_name='auditevent',
             index=models.Index(fields=['action'], name='audit_action_pattern_idx', opclasses=['varchar_pattern_ops']),
         ),
-        migrations.AlterField(
-            model_name='auditevent',
-            name='action',
-            field=models.CharField(max_length=64),
-        ),
-        migrations.AlterField(
-            model_name='auditevent',
-            name='actor',
-            field=models.CharField(max_length=200),
+        migrations.SeparateDatabaseAndState(
+            state_operations=[
+                migrations.AlterField(
+                    model_name='auditevent',
+                    name='action',
+                    field=models.CharField(max_length=64),
+                ),
+                migrations.AlterField(
+                    model_name='auditevent',
+                    name='actor',
+                    field=models.CharField(max_length=200),
+                ),
+            ],
+            database_operations=[
+                drop_indexes([
+                    ('gateway_auditevent_actor_6b8d1aa2', 'gateway_auditevent', 'actor', ''),
+                    ('gateway_auditevent_actor_6b8d1aa2_like', 'gateway_auditevent', 'actor', 'varchar_pattern_ops'),
+                    ('gateway_auditevent_action_132f0adb', 'gateway_auditevent', 'action', ''),
+                    ('gateway_auditevent_action_132f0adb_like', 'gateway_auditevent', 'action', 'varchar_pattern_ops'),
+                ]),
+            ],
         ),
     ]

@@ -51,12 +51,17 @@ class TestMessagesAppliedTogether:
         assert checked == 8  # received + order created, per message
 
     def test_a_message_that_fails_is_refused_alone_and_the_others_are_applied(self):
-        acks = apply_together(order(1), order(9, control="CA", control_id="CANCEL9", status="CA"), order(2))
+        with CaptureQueriesContext(connection) as queries:
+            acks = apply_together(order(1), order(9, control="CA", control_id="CANCEL9",
+                                                  status="CA"), order(2))
         assert [(a.code, a.control_id) for a in acks] == [
             ("AA", "C1"), ("AE", "CANCEL9"), ("AA", "C2")]
         assert acks[1].error_code == "204"
         assert "no order matches" in acks[1].error_text
         assert ImagingOrder.objects.count() == 2
+        # The two others still share a commit; the refusal is stored on its own.
+        statements = [q["sql"].split(None, 1)[0].upper() for q in queries.captured_queries]
+        assert statements.count("COMMIT") == 2
         refused = HL7Message.objects.get(control_id="CANCEL9")
         assert (refused.status, refused.error_code) == ("ERROR", "204")
         assert audit.verify()[1] is None
@@ -104,7 +109,7 @@ class RecordingHandler:
 
 
 @contextmanager
-def server_in_a_thread(handler, **options):
+def server_in_a_thread(handler, grace: float = 5.0, **options):
     loop = asyncio.new_event_loop()
     server = MLLPServer(handler, handle_oversize, max_message_bytes=1 << 20,
                         idle_timeout=60, **options)
@@ -114,7 +119,7 @@ def server_in_a_thread(handler, **options):
     try:
         yield server, port
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(grace=5), loop).result(30)
+        asyncio.run_coroutine_threadsafe(server.stop(grace=grace), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
@@ -158,3 +163,20 @@ class TestGathering:
         # client out (20 s); one connection's messages go one by one at once.
         assert [a.control_id for a in acks] == ["C0", "C1", "C2"]
         assert handler.batches == [["C0"], ["C1"], ["C2"]]
+
+    def test_stopping_answers_what_it_applied_and_closes_what_it_did_not(self):
+        handler = RecordingHandler()
+        with server_in_a_thread(handler, grace=0.2, threads=1) as (server, port):
+            first = MLLPConnection(port)
+            first.sock.sendall(b"\x0b" + order(0) + b"\x1c\r")
+            assert handler.first_started.wait(10)
+            second = MLLPConnection(port)
+            second.sock.sendall(b"\x0b" + order(1) + b"\x1c\r")
+            wait_until(lambda: server.waiting == 1)
+            # The first batch outlasts the grace period: stopping waits for it to finish.
+            threading.Timer(1.0, handler.release.set).start()
+        assert first.receive().control_id == "C0"
+        assert second.is_closed_by_peer()  # never applied, so never answered: it is resent
+        assert handler.batches == [["C0"]]
+        first.close()
+        second.close()

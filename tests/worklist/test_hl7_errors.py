@@ -80,6 +80,18 @@ class TestRefusals:
         record = HL7Message.objects.get()
         assert (record.status, bytes(record.raw)) == ("REJECTED", b"PID|||123\rORC|NW\r")
 
+    @pytest.mark.parametrize("before, charset", [
+        (b"\x0c", ""),  # a form feed some interfaces put between messages
+        (b"\xef\xbb\xbf", "8859/1"),  # a UTF-8 byte order mark, then Latin-1 text
+    ])
+    def test_it_reads_msh_after_padding_before_it(self, hl7, before, charset):
+        raw = message(msh(control_id="PADDED1", charset=charset), pid(), orc(), obr())
+        ack = hl7(before + raw)
+        assert (ack.code, ack.control_id) == ("AA", "PADDED1")
+        record = HL7Message.objects.get()
+        assert (record.control_id, record.sending_application) == ("PADDED1", "RIS")
+        assert ImagingOrder.objects.get().sending_application == "RIS"
+
     def test_it_rejects_garbage(self, hl7):
         ack = hl7(bytes(range(256)))
         assert ack.code == "AR"

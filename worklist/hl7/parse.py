@@ -180,9 +180,7 @@ def read_header(raw: bytes) -> Header:
     """Read MSH from the raw bytes without trusting the rest of the message.
 
     Raises HL7Error (code 100) when the bytes do not start with an MSH segment."""
-    start = len(raw) - len(raw.lstrip())
-    if raw.startswith(b"\xef\xbb\xbf", start):  # a UTF-8 byte order mark some editors add
-        start += 3
+    start = message_start(raw)
     if raw[start : start + 3] != b"MSH" or len(raw) < start + 8:
         raise HL7Error(
             SEGMENT_SEQUENCE_ERROR,
@@ -204,6 +202,15 @@ def read_header(raw: bytes) -> Header:
     header.codec = codec_for(header.charset) if header.charset else DEFAULT_CODEC
     header.codec = header.codec or DEFAULT_CODEC
     return header
+
+
+def message_start(raw: bytes) -> int:
+    """Where MSH should begin: after leading whitespace and a UTF-8 byte order mark (which
+    some editors add)."""
+    start = len(raw) - len(raw.lstrip())
+    if raw.startswith(b"\xef\xbb\xbf", start):
+        start += 3
+    return start
 
 
 def _delimiters(line: str) -> Delimiters:
@@ -289,7 +296,8 @@ class Message:
     def __init__(self, raw: bytes, header: Header | None = None):
         self.header = header or read_header(raw)
         d = self.header.delimiters
-        text, self.header.codec = decode_text(raw, self.header, strict=True)
+        text, self.header.codec = decode_text(raw[message_start(raw):], self.header,
+                                              strict=True)
         self.codec = self.header.codec
         # Only the segments the gateway reads are split (insurance, guarantor, next of kin…
         # can be most of a real order message); blank lines between segments are dropped.
@@ -299,11 +307,14 @@ class Message:
             _msh_fields(line, d) if line.startswith("MSH") else line.split(d.field)
             for line in text.split("\r") if line[:3].upper() in READ_SEGMENTS
         ]
+        self.names = [seg[0].strip().upper() for seg in self.segments]
+        if not self.names or self.names[0] != "MSH":
+            raise HL7Error(SEGMENT_SEQUENCE_ERROR, "The message does not start with an MSH "
+                           "segment", ("MSH", 1), reject=True)
         # MSH again, from the decoded text, so that non-ASCII sender names come back right.
         self.header.raw = self.segments[0]
         self.delimiters = d
         self._levels = (d.repetition, d.component, d.subcomponent)
-        self.names = [seg[0].strip().upper() for seg in self.segments]
 
     def all(self, name: str) -> list:
         return [seg for seg, n in zip(self.segments, self.names, strict=True) if n == name]

@@ -18,7 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    transaction,
+)
 from django.utils import timezone
 from pydicom.uid import generate_uid
 
@@ -166,11 +173,12 @@ def handle_messages(messages: list[tuple[bytes, str]]) -> list[bytes]:
 
     Each message is still stored with its effect in the transaction that commits before its
     ACK; the messages of a batch simply share that transaction, applied in the given order
-    exactly as one after the other. When any of them fails (its content, a duplicate
-    control ID, a lock), the batch is rolled back and each message applied again in its own
-    transaction, so that one message's error is never another's. Never raises."""
+    exactly as one after the other. When one fails (its content, a duplicate control ID, a
+    lock), the batch is rolled back and applied again without it, and that message is then
+    applied on its own, so that one message's error is never another's. When the database
+    cannot be reached, every message is answered AE at once. Never raises."""
     acks: list[bytes | None] = [None] * len(messages)
-    ready: list[tuple[int, _Prepared]] = []
+    pending: list[tuple[int, _Prepared]] = []
     for index, (raw, peer) in enumerate(messages):
         try:
             item = _prepare(raw, peer)
@@ -180,28 +188,57 @@ def handle_messages(messages: list[tuple[bytes, str]]) -> list[bytes]:
         if isinstance(item, bytes):
             acks[index] = item
         else:
-            ready.append((index, item))
-    if len(ready) > 1:
+            pending.append((index, item))
+    alone: list[tuple[int, _Prepared]] = []
+    while len(pending) > 1:
+        failed_at = None
         try:
             with transaction.atomic():
                 events: list[dict] = []
-                for _index, item in ready:
+                for position, (_index, item) in enumerate(pending):
+                    failed_at = position
                     _apply(item, events)
+                failed_at = None
                 audit_trail.append(events)
         except Exception as exc:
-            log.info("a batch of %d messages was rolled back (%s); applying each on its own",
-                     len(ready), type(exc).__name__)
+            if _unreachable(exc):
+                log.error("database unavailable; %d messages answered AE: %s", len(pending),
+                          exc)
+                unavailable = _internal(exc, "the database is unavailable")
+                for index, item in pending:
+                    acks[index] = build_ack(item.header, ERROR, unavailable)
+                pending = []
+                break
+            if failed_at is None:  # the audit trail or the commit: each on its own
+                log.info("a batch of %d messages could not commit (%s); applying each on "
+                         "its own", len(pending), type(exc).__name__)
+                break
+            log.info("message %s failed in a batch of %d (%s); the others go again without it",
+                     pending[failed_at][1].header.control_id, len(pending),
+                     type(exc).__name__)
+            alone.append(pending.pop(failed_at))
         else:
-            for index, item in ready:
+            for index, item in pending:
                 acks[index] = item.ack
-            ready = []
-    for index, item in ready:
+            pending = []
+    for index, item in [*alone, *pending]:
         try:
             acks[index] = _commit_one(item)
         except Exception as exc:
             log.exception("failed to handle a message from %s", item.peer)
             acks[index] = build_ack(item.header, ERROR, _internal(exc))
     return acks  # type: ignore[return-value]
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Whether a failure means the database cannot be reached at all (so that trying each
+    message on its own would only make every sender wait longer for the same AE)."""
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    try:
+        return connection.connection is None or not connection.is_usable()
+    except Exception:
+        return True
 
 
 def handle_oversize(prefix: bytes, peer: str, limit: int) -> bytes:

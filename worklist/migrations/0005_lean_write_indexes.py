@@ -3,7 +3,7 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
-from gateway.schema import AddIndexWithoutLocking
+from gateway.schema import AddIndexWithoutLocking, drop_indexes
 
 
 class Migration(migrations.Migration):
@@ -42,54 +42,81 @@ class Migration(migrations.Migration):
             model_name='imagingorder',
             index=models.Index(fields=['study_instance_uid'], name='order_study_uid_idx'),
         ),
-        migrations.AlterField(
-            model_name='hl7message',
-            name='message_type',
-            field=models.CharField(blank=True, default='', max_length=20),
-        ),
-        migrations.AlterField(
-            model_name='hl7message',
-            name='patient_id',
-            field=models.CharField(blank=True, default='', max_length=64),
-        ),
-        migrations.AlterField(
-            model_name='hl7message',
-            name='status',
-            field=models.CharField(choices=[('ACCEPTED', 'Accepted (AA)'), ('DUPLICATE', 'Duplicate (AA, no effect)'), ('ERROR', 'Error (AE)'), ('REJECTED', 'Rejected (AR)')], max_length=16),
-        ),
-        migrations.AlterField(
-            model_name='imagingorder',
-            name='accession_number',
-            field=models.CharField(blank=True, default='', max_length=16),
-        ),
-        migrations.AlterField(
-            model_name='imagingorder',
-            name='filler_order_number',
-            field=models.CharField(blank=True, default='', max_length=64),
-        ),
-        migrations.AlterField(
-            model_name='imagingorder',
-            name='patient',
-            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.PROTECT, related_name='orders', to='worklist.patient'),
-        ),
-        migrations.AlterField(
-            model_name='imagingorder',
-            name='placer_order_number',
-            field=models.CharField(blank=True, default='', max_length=64),
-        ),
-        migrations.AlterField(
-            model_name='imagingorder',
-            name='study_instance_uid',
-            field=models.CharField(max_length=64),
-        ),
-        migrations.AlterField(
-            model_name='patient',
-            name='name_key',
-            field=models.CharField(blank=True, default='', max_length=324),
-        ),
-        migrations.AlterField(
-            model_name='scheduledstep',
-            name='status',
-            field=models.CharField(choices=[('SCHEDULED', 'Scheduled'), ('ARRIVED', 'Arrived'), ('READY', 'Ready'), ('STARTED', 'Started'), ('COMPLETED', 'Completed'), ('DISCONTINUED', 'Discontinued'), ('CANCELLED', 'Cancelled')], default='SCHEDULED', max_length=16),
+        migrations.SeparateDatabaseAndState(
+            state_operations=[
+                migrations.AlterField(
+                    model_name='hl7message',
+                    name='message_type',
+                    field=models.CharField(blank=True, default='', max_length=20),
+                ),
+                migrations.AlterField(
+                    model_name='hl7message',
+                    name='patient_id',
+                    field=models.CharField(blank=True, default='', max_length=64),
+                ),
+                migrations.AlterField(
+                    model_name='hl7message',
+                    name='status',
+                    field=models.CharField(choices=[('ACCEPTED', 'Accepted (AA)'), ('DUPLICATE', 'Duplicate (AA, no effect)'), ('ERROR', 'Error (AE)'), ('REJECTED', 'Rejected (AR)')], max_length=16),
+                ),
+                migrations.AlterField(
+                    model_name='imagingorder',
+                    name='accession_number',
+                    field=models.CharField(blank=True, default='', max_length=16),
+                ),
+                migrations.AlterField(
+                    model_name='imagingorder',
+                    name='filler_order_number',
+                    field=models.CharField(blank=True, default='', max_length=64),
+                ),
+                migrations.AlterField(
+                    model_name='imagingorder',
+                    name='patient',
+                    field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.PROTECT, related_name='orders', to='worklist.patient'),
+                ),
+                migrations.AlterField(
+                    model_name='imagingorder',
+                    name='placer_order_number',
+                    field=models.CharField(blank=True, default='', max_length=64),
+                ),
+                migrations.AlterField(
+                    model_name='imagingorder',
+                    name='study_instance_uid',
+                    field=models.CharField(max_length=64),
+                ),
+                migrations.AlterField(
+                    model_name='patient',
+                    name='name_key',
+                    field=models.CharField(blank=True, default='', max_length=324),
+                ),
+                migrations.AlterField(
+                    model_name='scheduledstep',
+                    name='status',
+                    field=models.CharField(choices=[('SCHEDULED', 'Scheduled'), ('ARRIVED', 'Arrived'), ('READY', 'Ready'), ('STARTED', 'Started'), ('COMPLETED', 'Completed'), ('DISCONTINUED', 'Discontinued'), ('CANCELLED', 'Cancelled')], default='SCHEDULED', max_length=16),
+                ),
+            ],
+            database_operations=[
+                drop_indexes([
+                    ('worklist_hl7message_message_type_e39cd2bc', 'worklist_hl7message', 'message_type', ''),
+                    ('worklist_hl7message_message_type_e39cd2bc_like', 'worklist_hl7message', 'message_type', 'varchar_pattern_ops'),
+                    ('worklist_hl7message_status_a216151a', 'worklist_hl7message', 'status', ''),
+                    ('worklist_hl7message_status_a216151a_like', 'worklist_hl7message', 'status', 'varchar_pattern_ops'),
+                    ('worklist_hl7message_patient_id_9c6bdca5', 'worklist_hl7message', 'patient_id', ''),
+                    ('worklist_hl7message_patient_id_9c6bdca5_like', 'worklist_hl7message', 'patient_id', 'varchar_pattern_ops'),
+                    ('worklist_patient_name_key_543eea08', 'worklist_patient', 'name_key', ''),
+                    ('worklist_patient_name_key_543eea08_like', 'worklist_patient', 'name_key', 'varchar_pattern_ops'),
+                    ('worklist_imagingorder_accession_number_0f534605', 'worklist_imagingorder', 'accession_number', ''),
+                    ('worklist_imagingorder_accession_number_0f534605_like', 'worklist_imagingorder', 'accession_number', 'varchar_pattern_ops'),
+                    ('worklist_imagingorder_placer_order_number_34c2d9dd', 'worklist_imagingorder', 'placer_order_number', ''),
+                    ('worklist_imagingorder_placer_order_number_34c2d9dd_like', 'worklist_imagingorder', 'placer_order_number', 'varchar_pattern_ops'),
+                    ('worklist_imagingorder_filler_order_number_eb7f9ad1', 'worklist_imagingorder', 'filler_order_number', ''),
+                    ('worklist_imagingorder_filler_order_number_eb7f9ad1_like', 'worklist_imagingorder', 'filler_order_number', 'varchar_pattern_ops'),
+                    ('worklist_imagingorder_study_instance_uid_c7e4e455', 'worklist_imagingorder', 'study_instance_uid', ''),
+                    ('worklist_imagingorder_study_instance_uid_c7e4e455_like', 'worklist_imagingorder', 'study_instance_uid', 'varchar_pattern_ops'),
+                    ('worklist_imagingorder_patient_id_95b4864d', 'worklist_imagingorder', 'patient_id', ''),
+                    ('worklist_scheduledstep_status_af3a86fa', 'worklist_scheduledstep', 'status', ''),
+                    ('worklist_scheduledstep_status_af3a86fa_like', 'worklist_scheduledstep', 'status', 'varchar_pattern_ops'),
+                ]),
+            ],
         ),
     ]
