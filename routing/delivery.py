@@ -33,6 +33,7 @@ from gateway import audit
 
 from . import scu
 from .models import Delivery, DeliveryStatus, Node, ReceivedInstance
+from .routing import queued_mark
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ DONE = [DeliveryStatus.DELIVERED, DeliveryStatus.ABANDONED]
 # Successes are written in groups of this many, or after this long, whichever comes first.
 OUTCOME_GROUP = 16
 OUTCOME_SECONDS = 1.0
+
+# After a batch smaller than GATHER_BELOW (instances arrive more slowly than they go), the
+# association waits GATHER_SECONDS for a few more before claiming again: a claim and an
+# outcome commit cost more than sending one instance, and paying them per instance
+# halved what a modality could send through the gateway while it was being forwarded.
+GATHER_BELOW = 8
+GATHER_SECONDS = 0.05
 
 Enqueue = Callable[[int], None]
 
@@ -299,7 +307,7 @@ def deliver_to_node(node_id: int) -> DeliveryRun:
     if node is None:
         return run
     dest = scu.Destination(node.name, node.ae_title, node.host, node.port)
-    batch = claim(node_id, run.holder)
+    batch = claim(node_id, run.holder) or _last_look(node_id, run.holder)
     while batch:
         batch = supersede(batch, run.holder)
         if not batch:
@@ -311,9 +319,11 @@ def deliver_to_node(node_id: int) -> DeliveryRun:
         try:
             assoc = scu.StoreAssociation(dest, settings.DICOM_AE_TITLE, plan)
         except scu.AssociationFailed as exc:
-            # The node is unreachable: every claimed row waits for its own retry time.
+            # The node is unreachable: every claimed row waits for its own retry time, and
+            # what is committed from now on gets a task of its own.
             for c in sendable:
                 _failed(run, c, str(exc))
+            queued_mark(node_id, set_it=False)
             return run
         run.associations += 1
         with assoc:
@@ -321,6 +331,7 @@ def deliver_to_node(node_id: int) -> DeliveryRun:
             while sendable:
                 following = _send_batch(assoc, sendable, node, run)
                 if following is None:  # association lost; the rest were given back
+                    queued_mark(node_id, set_it=False)
                     return run
                 following = supersede(following, run.holder)
                 if not assoc.is_open or not assoc.carries(_pairs(following)):
@@ -330,8 +341,22 @@ def deliver_to_node(node_id: int) -> DeliveryRun:
         if not batch:
             # Released the slot: a task that found it taken meanwhile returned at once, so look
             # again before leaving.
-            batch = claim(node_id, run.holder)
+            batch = claim(node_id, run.holder) or _last_look(node_id, run.holder)
     return run
+
+
+def _last_look(node_id: int, holder: str) -> list[Claimed]:
+    """Before a run ends: when nobody else is sending to the node, delete its queued mark
+    (so that commits from now on enqueue a task) and claim once more (for what was committed
+    while the mark was still set). When another holder is sending, it will claim again
+    itself before it ends, so the mark stays."""
+    lease_start = timezone.now() - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS)
+    others = Delivery.objects.filter(node_id=node_id, status=DeliveryStatus.SENDING,
+                                     claimed_at__gte=lease_start).exclude(claimed_by=holder)
+    if others.exists():
+        return []
+    queued_mark(node_id, set_it=False)
+    return claim(node_id, holder)
 
 
 def _fits(plan: dict[str, list[str]], c: Claimed) -> bool:
@@ -390,6 +415,8 @@ def _send_batch(
                 len(stored) >= OUTCOME_GROUP or time.monotonic() - recorded_at > OUTCOME_SECONDS
             ):
                 record_stored()
+        if len(batch) < GATHER_BELOW:
+            time.sleep(GATHER_SECONDS)
         return claim(node.pk, run.holder)
     finally:
         record_stored()

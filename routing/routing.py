@@ -246,7 +246,11 @@ def route_instance(instance_id: int, now: datetime | None = None,
 
 def enqueue_nodes(node_ids: list[int]) -> None:
     """Ask the delivery tasks to work on these nodes. Without the task (module not there,
-    broker down) nothing is lost: the delivery sweep finds due rows by itself."""
+    broker down) nothing is lost: the delivery sweep finds due rows by itself.
+
+    A node that a run will claim for again gets no new task (see :func:`queued_mark`):
+    without that, a study streaming in queued a task per instance, each claiming nothing
+    because the node's associations were busy, at about the cost of sending the instance."""
     try:
         from routing import tasks
 
@@ -254,10 +258,48 @@ def enqueue_nodes(node_ids: list[int]) -> None:
     except (ImportError, AttributeError):
         return
     for node_id in node_ids:
+        if not queued_mark(node_id, set_it=True):
+            continue
         try:
             deliver_node.delay(node_id)
         except Exception:
+            queued_mark(node_id, set_it=False)
             logger.warning("could not enqueue delivery to node %s; the sweep will", node_id)
+
+
+# A mark per node, in the broker's Redis beside the queue, meaning "a delivery run for this
+# node will claim again after now": set (if absent) just before a task is enqueued, and
+# deleted only by a run that is about to end with nobody else sending to the node, just
+# before its last claim (see ``delivery.deliver_to_node``). A commit that finds the mark set
+# can rely on that later claim and enqueues nothing; one that finds it absent enqueues. A
+# broker that loses its queue loses the marks with it; a mark also expires after
+# QUEUED_MARK_SECONDS (a run killed mid-send), and the sweep finds due rows in any case.
+# Without Redis (the embedded broker) every commit enqueues.
+QUEUED_MARK_SECONDS = 60
+_redis_clients: dict[str, object] = {}
+
+
+def queued_mark(node_id: int, set_it: bool) -> bool:
+    """Set the node's mark (returns whether it was absent, i.e. whether to enqueue) or
+    delete it (returns True). Any Redis error answers "enqueue"."""
+    from gateway.celery import app
+
+    url = str(app.conf.broker_url or "")
+    if not url.startswith(("redis://", "rediss://")):
+        return True
+    key = f"gateway:delivery-queued:{node_id}"
+    try:
+        client = _redis_clients.get(url)
+        if client is None:
+            import redis
+
+            client = _redis_clients[url] = redis.Redis.from_url(url, socket_timeout=2)
+        if set_it:
+            return bool(client.set(key, "1", nx=True, ex=QUEUED_MARK_SECONDS))
+        client.delete(key)
+    except Exception as exc:  # noqa: BLE001 - the mark only saves work; enqueue without it
+        logger.debug("delivery mark for node %s unavailable: %s", node_id, exc)
+    return True
 
 
 def route_pending_instances(older_than_seconds: int = 30, limit: int = 1000,

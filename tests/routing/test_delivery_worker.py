@@ -213,3 +213,28 @@ def test_a_study_sent_to_the_gateway_is_forwarded_by_its_rule(
         assert arrived.InstitutionName == "Forwarded"
         assert arrived.file_meta.TransferSyntaxUID == ours.file_meta.TransferSyntaxUID
         assert arrived.PixelData == ours.PixelData
+
+
+def test_commits_while_a_run_is_to_come_queue_one_task_and_lose_nothing(
+    tmp_path, orthanc, celery_broker, start_worker
+):
+    from routing.routing import enqueue_nodes
+
+    node = make_node(orthanc)
+    rows = []
+    for _ in range(5):  # five instances stored one after another, as a modality sends them
+        with transaction.atomic():
+            rows.append(make_delivery(make_instance(tmp_path), node))
+            transaction.on_commit(lambda: enqueue_nodes([node.pk]))
+    assert celery_broker.queued() == 1  # the first commit's task will claim them all
+
+    start_worker(DELIVERY_SWEEP_SECONDS="3600")  # only the tasks can deliver them
+    wait_until(lambda: all_delivered(node, 5), 60, "the five deliveries to be DELIVERED")
+
+    # The run has ended or is about to: a later commit is delivered either by its last
+    # look or by a task of its own.
+    with transaction.atomic():
+        rows.append(make_delivery(make_instance(tmp_path), node))
+        transaction.on_commit(lambda: enqueue_nodes([node.pk]))
+    wait_until(lambda: all_delivered(node, 6), 60, "the sixth delivery to be DELIVERED")
+    assert set(orthanc.instances()) == sop_uids(rows)
