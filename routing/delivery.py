@@ -33,7 +33,7 @@ from gateway import audit
 
 from . import scu
 from .models import Delivery, DeliveryStatus, Node, ReceivedInstance
-from .routing import queued_mark
+from .routing import enqueue_nodes, queued_mark
 
 logger = logging.getLogger(__name__)
 
@@ -301,38 +301,54 @@ def _coercer() -> scu.Coercer | None:
 
 def deliver_to_node(node_id: int) -> DeliveryRun:
     """Send everything due for one node on as few associations as possible, while this
-    holder has a slot. Safe to run any number of times concurrently."""
+    holder has a slot. Safe to run any number of times concurrently.
+
+    A run that gets a slot ends by clearing the node's queued mark and giving what is due
+    by then a task of its own (:func:`_leave`); one that finds every slot taken leaves both
+    to the runs that hold them."""
     run = DeliveryRun()
     node = Node.objects.filter(pk=node_id).first()
     if node is None:
+        queued_mark(node_id, set_it=False)
         return run
+    batch = claim(node_id, run.holder)
+    if not batch and _others_sending(node_id, run.holder):
+        return run
+    try:
+        _send_claimed(node, batch, run)
+    except BaseException:
+        # Commits from now on enqueue again; what is due now waits for the sweep, so that a
+        # run failing on every attempt does not enqueue itself in a loop.
+        queued_mark(node_id, set_it=False)
+        raise
+    _leave(node_id)
+    return run
+
+
+def _send_claimed(node: Node, batch: list[Claimed], run: DeliveryRun) -> None:
     dest = scu.Destination(node.name, node.ae_title, node.host, node.port)
-    batch = claim(node_id, run.holder) or _last_look(node_id, run.holder)
     while batch:
         batch = supersede(batch, run.holder)
         if not batch:
-            batch = claim(node_id, run.holder)
+            batch = claim(node.pk, run.holder)
             continue
-        plan = scu.plan_contexts([*_pairs(batch), *_due_pairs(node_id)])
+        plan = scu.plan_contexts([*_pairs(batch), *_due_pairs(node.pk)])
         sendable = [c for c in batch if _fits(plan, c)]
         release([c for c in batch if not _fits(plan, c)], run.holder)
         try:
             assoc = scu.StoreAssociation(dest, settings.DICOM_AE_TITLE, plan)
         except scu.AssociationFailed as exc:
-            # The node is unreachable: every claimed row waits for its own retry time, and
-            # what is committed from now on gets a task of its own.
+            # The node is unreachable: every claimed row waits for its own retry time.
             for c in sendable:
                 _failed(run, c, str(exc))
-            queued_mark(node_id, set_it=False)
-            return run
+            return
         run.associations += 1
         with assoc:
             batch = []
             while sendable:
                 following = _send_batch(assoc, sendable, node, run)
                 if following is None:  # association lost; the rest were given back
-                    queued_mark(node_id, set_it=False)
-                    return run
+                    return
                 following = supersede(following, run.holder)
                 if not assoc.is_open or not assoc.carries(_pairs(following)):
                     batch = following  # needs contexts this association lacks: open another
@@ -341,22 +357,24 @@ def deliver_to_node(node_id: int) -> DeliveryRun:
         if not batch:
             # Released the slot: a task that found it taken meanwhile returned at once, so look
             # again before leaving.
-            batch = claim(node_id, run.holder) or _last_look(node_id, run.holder)
-    return run
+            batch = claim(node.pk, run.holder)
 
 
-def _last_look(node_id: int, holder: str) -> list[Claimed]:
-    """Before a run ends: when nobody else is sending to the node, delete its queued mark
-    (so that commits from now on enqueue a task) and claim once more (for what was committed
-    while the mark was still set). When another holder is sending, it will claim again
-    itself before it ends, so the mark stays."""
+def _others_sending(node_id: int, holder: str) -> bool:
+    """Whether another holder has claimed rows of the node under a live lease."""
     lease_start = timezone.now() - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS)
-    others = Delivery.objects.filter(node_id=node_id, status=DeliveryStatus.SENDING,
-                                     claimed_at__gte=lease_start).exclude(claimed_by=holder)
-    if others.exists():
-        return []
+    return (Delivery.objects.filter(node_id=node_id, status=DeliveryStatus.SENDING,
+                                    claimed_at__gte=lease_start)
+            .exclude(claimed_by=holder).exists())
+
+
+def _leave(node_id: int) -> None:
+    """The end of a run that had a slot: clear the node's queued mark, so that commits from
+    now on enqueue a task, and enqueue one for what is due already (committed while the mark
+    was still set, or given back), which no run would otherwise claim before the sweep."""
     queued_mark(node_id, set_it=False)
-    return claim(node_id, holder)
+    if due().filter(node_id=node_id, node__enabled=True).exists():
+        enqueue_nodes([node_id])
 
 
 def _fits(plan: dict[str, list[str]], c: Claimed) -> bool:

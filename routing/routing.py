@@ -27,6 +27,7 @@ replaced instance, the sweeps, per-study rules once the study is quiet).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -263,42 +264,53 @@ def enqueue_nodes(node_ids: list[int]) -> None:
         try:
             deliver_node.delay(node_id)
         except Exception:
-            queued_mark(node_id, set_it=False)
+            queued_mark(node_id, set_it=False)  # no task: the next commit should enqueue
             logger.warning("could not enqueue delivery to node %s; the sweep will", node_id)
 
 
 # A mark per node, in the broker's Redis beside the queue, meaning "a delivery run for this
-# node will claim again after now": set (if absent) just before a task is enqueued, and
-# deleted only by a run that is about to end with nobody else sending to the node, just
-# before its last claim (see ``delivery.deliver_to_node``). A commit that finds the mark set
-# can rely on that later claim and enqueues nothing; one that finds it absent enqueues. A
-# broker that loses its queue loses the marks with it; a mark also expires after
-# QUEUED_MARK_SECONDS (a run killed mid-send), and the sweep finds due rows in any case.
-# Without Redis (the embedded broker) every commit enqueues.
+# node will look at what is due after now": set (if absent) just before a task is enqueued;
+# deleted by a run that had a slot as it ends, which then enqueues a task for whatever is
+# due by then (``delivery._leave``). A commit that finds the mark set enqueues nothing and
+# relies on that; one that finds it absent enqueues. A broker that loses its queue loses the
+# marks with it; a mark also expires after QUEUED_MARK_SECONDS (a worker killed mid-run);
+# the sweep finds due rows in any case. Without Redis (the embedded broker), or while Redis
+# does not answer, every commit enqueues.
 QUEUED_MARK_SECONDS = 60
-_redis_clients: dict[str, object] = {}
+# Redis must not slow down a C-STORE response: one quick try, and after a failure no marks
+# for a while.
+_MARK_TIMEOUT = 0.2
+_MARK_PAUSE_SECONDS = 10.0
+_mark_clients: dict[str, object] = {}
+_marks_paused_until = 0.0
 
 
 def queued_mark(node_id: int, set_it: bool) -> bool:
     """Set the node's mark (returns whether it was absent, i.e. whether to enqueue) or
-    delete it (returns True). Any Redis error answers "enqueue"."""
+    delete it (returns True). Redis errors answer "enqueue"."""
+    global _marks_paused_until
     from gateway.celery import app
 
     url = str(app.conf.broker_url or "")
-    if not url.startswith(("redis://", "rediss://")):
+    if not url.startswith(("redis://", "rediss://")) or time.monotonic() < _marks_paused_until:
         return True
     key = f"gateway:delivery-queued:{node_id}"
     try:
-        client = _redis_clients.get(url)
+        client = _mark_clients.get(url)
         if client is None:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
-            client = _redis_clients[url] = redis.Redis.from_url(url, socket_timeout=2)
+            client = _mark_clients[url] = redis.Redis.from_url(
+                url, socket_timeout=_MARK_TIMEOUT, socket_connect_timeout=_MARK_TIMEOUT,
+                retry=Retry(NoBackoff(), 0))
         if set_it:
             return bool(client.set(key, "1", nx=True, ex=QUEUED_MARK_SECONDS))
         client.delete(key)
     except Exception as exc:  # noqa: BLE001 - the mark only saves work; enqueue without it
-        logger.debug("delivery mark for node %s unavailable: %s", node_id, exc)
+        _marks_paused_until = time.monotonic() + _MARK_PAUSE_SECONDS
+        logger.info("delivery marks paused for %.0f s: %s", _MARK_PAUSE_SECONDS, exc)
     return True
 
 

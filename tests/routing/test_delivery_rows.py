@@ -12,6 +12,7 @@ from django.utils import timezone
 from gateway.models import AuditEvent
 from routing import delivery, scu
 from routing.models import Delivery, DeliveryStatus, ReceivedInstance
+from routing.routing import enqueue_nodes
 from tests.fixtures_pacs import make_delivery, make_instance, make_node
 
 pytestmark = pytest.mark.django_db
@@ -374,3 +375,39 @@ class TestPresentationContexts:
 
         assert sum(len(syntaxes) for syntaxes in plan.values()) == 126  # 42 classes x 3
         assert list(plan) == [f"1.2.3.{n}" for n in range(42)]
+
+
+class TestQueuedMark:
+    """A node that a run will still look at gets no new task per commit; every run that had
+    a slot clears the mark as it ends and gives what is due by then a task."""
+
+    def test_commits_while_a_task_waits_enqueue_no_second_one(self, node, celery_broker):
+        enqueue_nodes([node.pk])
+        enqueue_nodes([node.pk])
+        assert celery_broker.queued() == 1
+
+    def test_a_run_with_nothing_to_send_clears_the_mark(self, node, celery_broker):
+        enqueue_nodes([node.pk])
+        delivery.deliver_to_node(node.pk)
+        enqueue_nodes([node.pk])
+        assert celery_broker.queued() == 2
+
+    def test_a_run_without_a_slot_leaves_the_mark_to_the_run_that_has_it(
+        self, tmp_path, celery_broker
+    ):
+        node = make_node(max_associations=1)
+        pending(tmp_path, node, 2)
+        assert len(delivery.claim(node.pk, "sending-holder", limit=1)) == 1
+        enqueue_nodes([node.pk])
+        run = delivery.deliver_to_node(node.pk)
+        enqueue_nodes([node.pk])
+        assert (run.associations, celery_broker.queued()) == (0, 1)
+
+    def test_a_run_that_ends_with_deliveries_due_enqueues_a_task_for_them(
+        self, tmp_path, node, celery_broker
+    ):
+        pending(tmp_path, node, delivery.BATCH_SIZE + 3)  # the node's port answers nobody
+        enqueue_nodes([node.pk])
+        run = delivery.deliver_to_node(node.pk)
+        assert run.failed == delivery.BATCH_SIZE
+        assert celery_broker.queued() == 2  # a task for the three it never claimed
