@@ -21,6 +21,8 @@ from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
+from gateway.dicom import set_tcp_nodelay
+
 # Send a file given by path in PDU-sized chunks straight from disk: no decode, no re-encode,
 # the bytes the modality sent are the bytes the PACS gets.
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -65,12 +67,6 @@ class StoreResult:
 
 class AssociationFailed(Exception):
     """The node could not be reached or refused the association; the message says which."""
-
-
-def set_tcp_nodelay(event) -> None:
-    """EVT_CONN_OPEN handler: pynetdicom never sets TCP_NODELAY, and Nagle's algorithm then
-    holds back the last small PDU of each message for tens of milliseconds."""
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def sop_class_name(uid: str) -> str:
