@@ -116,6 +116,7 @@ def server_in_a_thread(handler, grace: float = 5.0, **options):
     port = loop.run_until_complete(server.start(bind_socket("127.0.0.1", 0)))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    server.loop = loop  # for a test that stops the server itself
     try:
         yield server, port
     finally:
@@ -166,17 +167,22 @@ class TestGathering:
 
     def test_stopping_answers_what_it_applied_and_closes_what_it_did_not(self):
         handler = RecordingHandler()
-        with server_in_a_thread(handler, grace=0.2, threads=1) as (server, port):
+        with server_in_a_thread(handler, threads=1) as (server, port):
             first = MLLPConnection(port)
             first.sock.sendall(b"\x0b" + order(0) + b"\x1c\r")
             assert handler.first_started.wait(10)
             second = MLLPConnection(port)
             second.sock.sendall(b"\x0b" + order(1) + b"\x1c\r")
             wait_until(lambda: server.waiting == 1)
-            # The first batch outlasts the grace period: stopping waits for it to finish.
-            threading.Timer(1.0, handler.release.set).start()
-        assert first.receive().control_id == "C0"
-        assert second.is_closed_by_peer()  # never applied, so never answered: it is resent
+
+            stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=0.2), server.loop)
+            # After the grace period the waiting message is given up: never applied, never
+            # answered, so its sender sends it again.
+            assert second.is_closed_by_peer()
+            # The batch being applied outlasts the grace period: stopping waits for it.
+            handler.release.set()
+            assert first.receive().control_id == "C0"
+            stopping.result(30)
         assert handler.batches == [["C0"]]
         first.close()
         second.close()
