@@ -104,7 +104,6 @@ def claim(
     disabled, nothing is due, or ``holder`` holds nothing and the node already has
     ``max_associations`` other holders with a live lease."""
     now = now or timezone.now()
-    lease_start = now - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS)
     with transaction.atomic():
         # FOR NO KEY UPDATE: serialises claimants of this node without blocking the inserts of
         # new Delivery rows, which only take a key-share lock on it.
@@ -114,11 +113,7 @@ def claim(
         sending = Delivery.objects.filter(node_id=node_id, status=DeliveryStatus.SENDING)
         if not sending.filter(claimed_by=holder).exists():
             holders = (
-                sending.filter(claimed_at__gte=lease_start)
-                .exclude(claimed_by=holder)
-                .values("claimed_by")
-                .distinct()
-                .count()
+                _others_claims(node_id, holder, now).values("claimed_by").distinct().count()
             )
             if holders >= node.max_associations:
                 return []
@@ -312,7 +307,7 @@ def deliver_to_node(node_id: int) -> DeliveryRun:
         queued_mark(node_id, set_it=False)
         return run
     batch = claim(node_id, run.holder)
-    if not batch and _others_sending(node_id, run.holder):
+    if not batch and _others_claims(node_id, run.holder).exists():
         return run
     try:
         _send_claimed(node, batch, run)
@@ -360,12 +355,13 @@ def _send_claimed(node: Node, batch: list[Claimed], run: DeliveryRun) -> None:
             batch = claim(node.pk, run.holder)
 
 
-def _others_sending(node_id: int, holder: str) -> bool:
-    """Whether another holder has claimed rows of the node under a live lease."""
-    lease_start = timezone.now() - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS)
+def _others_claims(node_id: int, holder: str, now: datetime | None = None
+                   ) -> QuerySet[Delivery]:
+    """Rows of the node that other holders claimed under a lease still live at ``now``."""
+    lease_start = (now or timezone.now()) - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS)
     return (Delivery.objects.filter(node_id=node_id, status=DeliveryStatus.SENDING,
                                     claimed_at__gte=lease_start)
-            .exclude(claimed_by=holder).exists())
+            .exclude(claimed_by=holder))
 
 
 def _leave(node_id: int) -> None:
