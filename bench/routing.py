@@ -48,6 +48,7 @@ from _common import (
     project_importable,
     recreate_database,
     setup_django,
+    tree_cpu_seconds,
 )
 
 project_importable()
@@ -504,9 +505,11 @@ def bench_end_to_end(
     try:
         with CountPoller(orthanc, n) as poller:
             t0 = time.monotonic()
+            cpu0 = cpu_seconds(orthanc.proc.pid)
             dcmsend(orthanc.dicom_port, ct_dir, ORTHANC_AE, timeout)
             if not poller.wait(timeout):
                 raise RuntimeError(f"Orthanc holds {poller.last} of {n} after {timeout:.0f} s")
+            direct_cpu = cpu_seconds(orthanc.proc.pid) - cpu0
         direct_s = poller.all_mono - t0
     finally:
         orthanc.stop()
@@ -530,11 +533,16 @@ def bench_end_to_end(
         import_config(env, orthanc, run)
         gw.start()
         worker.start()
+        parts = {"dicomserver": lambda: cpu_seconds(gw.pid),
+                 "worker": lambda: tree_cpu_seconds(worker.proc.pid),
+                 "Orthanc": lambda: cpu_seconds(orthanc.proc.pid)}
         with CountPoller(orthanc, n, interval=0.005) as poller:
             t0 = time.monotonic()
+            cpu0 = {name: read() for name, read in parts.items()}
             send_s = dcmsend(port, ct_dir, GATEWAY_AE, timeout)
             if not poller.wait(timeout):
                 raise RuntimeError(f"Orthanc holds {poller.last} of {n} after {timeout:.0f} s")
+            cpu = {name: read() - cpu0[name] for name, read in parts.items()}
         total_s = poller.all_mono - t0
         first = first_received()
         bulk_first_latency = poller.first_wall - first[1] if first else None
@@ -559,6 +567,12 @@ def bench_end_to_end(
     )
     report.add(section, "ratio to direct", direct_s / total_s, "x", ">= 0.5")
     report.add(section, "gateway ingest part (dcmsend exit)", n / send_s, "img/s")
+    for name, seconds in cpu.items():
+        direct = name == "Orthanc"
+        report.add(section, f"{name} CPU per instance", seconds / n * 1000, "ms",
+                   peer=direct_cpu / n * 1000 if direct else None,
+                   peer_name="Orthanc, direct" if direct else "",
+                   note=f"{100 * seconds / total_s:.0f}% of one CPU until Orthanc holds all")
     report.add(
         section,
         "first instance: Orthanc - received_at (bulk)",
@@ -580,6 +594,8 @@ def bench_end_to_end(
         "direct_s": direct_s,
         "gateway_total_s": total_s,
         "gateway_dcmsend_s": send_s,
+        "cpu_s": cpu,
+        "orthanc_direct_cpu_s": direct_cpu,
         "bulk_first_latency_s": bulk_first_latency,
         "single_latencies_redis_s": singles,
         "delivered_rows": delivered,

@@ -12,6 +12,8 @@ Durability: the bytes go to a temporary file in the destination directory (same
 filesystem), are fsynced, renamed over the final name, and the directory is fsynced; the
 rename happens inside the database transaction, so a failed commit removes the new file.
 Nothing is half-kept: on any failure the temporary file is removed and no row is written.
+The file's fsync runs on a helper thread while this one reads the header and writes the
+rows (each mostly waits, on the disk or on the database); the rename waits for it.
 
 Duplicates (the same SOP Instance UID received again), by ``GATEWAY_DUPLICATE_POLICY``:
 
@@ -36,6 +38,7 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
 from io import BytesIO
@@ -238,7 +241,7 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
     _check_free_space(config, len(encoded))
 
     final = config.store_dir / uids.study / uids.series / f"{uids.sop_instance}.dcm"
-    temp = _write_temp(final, encoded)
+    written = _write_temp(final, encoded)
     renamed = False
     previous_path: str | None = None
     try:
@@ -307,19 +310,20 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                 instance.save()
                 instance_id = instance.pk
             # Last step before commit: from here on, the file is the one the row describes.
+            temp = _written(written)
             os.replace(temp, final)
             renamed = True
             _fsync_dir(final.parent)
     except StoreRefused as refused:
-        _discard(temp)
+        _discard_written(written)
         if refused.status == StoreStatus.SUCCESS:
             return StoreResult(StoreStatus.SUCCESS, "duplicate kept")
         raise
     except Exception as exc:
         if renamed and previous_path is None:
             _discard(str(final))
-        else:
-            _discard(temp)
+        elif not renamed:
+            _discard_written(written)
         logger.exception("could not store %s", uids.sop_instance)
         raise StoreRefused(StoreStatus.CANNOT_WRITE,
                            f"instance could not be stored: {type(exc).__name__}") from None
@@ -436,22 +440,66 @@ def _clean(value) -> str:
     return text.replace("\x00", "").strip()
 
 
-def _write_temp(final: Path, data: bytes) -> str:
+# fsync waits on the disk with the GIL released; a few threads serve every association.
+# (Writing there too was slower: the bytes are copied with the GIL held.)
+_fsyncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+
+
+def _write_temp(final: Path, data: bytes) -> Future:
+    """Write ``data`` to a new temporary file beside ``final``; return the future of its
+    fsync, already running, whose result is the file's path. A write that fails raises
+    :class:`StoreRefused`, leaving nothing behind; a failed fsync removes the file."""
     temp = None
     try:
         _make_dirs(final.parent)
         fd, temp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+        except BaseException:
+            os.close(fd)
+            raise
+        return _fsyncs.submit(_fsync_and_close, fd, temp)
     except Exception as exc:
         if temp is not None:
             _discard(temp)
-        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-        status = StoreStatus.OUT_OF_RESOURCES if full else StoreStatus.CANNOT_WRITE
-        raise StoreRefused(status, f"instance could not be written: {type(exc).__name__}") from None
-    return temp
+        raise _write_refused(exc) from None
+
+
+def _fsync_and_close(fd: int, path: str) -> str:
+    try:
+        os.fsync(fd)
+    except BaseException:
+        _discard(path)
+        raise
+    finally:
+        os.close(fd)
+    return path
+
+
+def _written(future: Future) -> str:
+    """The temporary file's path once fsynced; a refusal when the fsync failed."""
+    try:
+        return future.result()
+    except Exception as exc:
+        raise _write_refused(exc) from None
+
+
+def _write_refused(exc: Exception) -> StoreRefused:
+    full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    status = StoreStatus.OUT_OF_RESOURCES if full else StoreStatus.CANNOT_WRITE
+    return StoreRefused(status, f"instance could not be written: {type(exc).__name__}")
+
+
+def _discard_written(future: Future) -> None:
+    """Remove the temporary file of an instance not kept (once its fsync is over)."""
+    try:
+        temp = future.result()
+    except Exception:
+        return  # the failed fsync removed it
+    _discard(temp)
 
 
 def _make_dirs(directory: Path) -> None:
