@@ -47,23 +47,16 @@ from pathlib import Path
 from django.db import connection, transaction
 from django.utils import timezone
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from gateway import sql
 
+from .header import header_as_json
 from .models import Delivery, DeliveryStatus, ReceivedInstance, ReceivedStudy, RoutingStatus
 from .routing import Decision, can_record, decide, facts_from_dataset, record_decision
 
 logger = logging.getLogger(__name__)
 
-MAX_HEADER_VALUE = 1024
-# Values rules cannot compare as text; the stored file still has them.
-SKIPPED_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
-# An element read with one of these explicit VRs keeps it when decoded (UN may become the
-# dictionary VR), so it is left out without decoding it: sequences would be parsed in full.
-_SKIPPED_RAW_VRS = SKIPPED_VRS - {"UN"}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -396,48 +389,6 @@ def _text(ds: Dataset, keyword: str) -> str:
     except Exception:
         return ""
     return "" if value is None else str(value).replace("\x00", "").strip()
-
-
-def header_as_json(ds: Dataset) -> dict:
-    """The top-level attributes rules can match, as JSON: keyword (or ``GGGGEEEE`` for tags
-    without one) → string, or list of strings for multi-valued attributes. Binary, sequence
-    and unknown-VR elements, values over 1 KB and values that do not decode are left out
-    (they stay in the stored file): one broken element costs only itself."""
-    header: dict = {}
-    for tag in sorted(ds.keys()):
-        try:
-            raw = ds.get_item(tag)
-            if isinstance(raw, RawDataElement) and raw.VR in _SKIPPED_RAW_VRS:
-                continue
-            # Reading the element decodes it (pydicom reads values lazily), which raises for
-            # a garbled VR or length: iterating the dataset would fail the whole header.
-            element = ds[tag]
-            if element.VR in SKIPPED_VRS:
-                continue
-            value = element.value
-            if isinstance(value, bytes | bytearray):
-                continue
-            if isinstance(value, MultiValue | list | tuple):
-                items = [_clean(v) for v in value]
-                size = sum(len(v) for v in items)
-                out: str | list[str] = items
-            else:
-                out = _clean(value)
-                size = len(out)
-        except Exception:
-            continue
-        if size > MAX_HEADER_VALUE:
-            continue
-        header[element.keyword or f"{int(element.tag):08X}"] = out
-    return header
-
-
-def _clean(value) -> str:
-    if value is None:
-        return ""
-    text = str(value)
-    # PostgreSQL's jsonb cannot hold NUL; DICOM pads with it.
-    return text.replace("\x00", "").strip()
 
 
 # fsync waits on the disk with the GIL released; a few threads serve every association.

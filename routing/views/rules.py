@@ -30,6 +30,7 @@ from pydicom.multival import MultiValue
 from gateway.web import CONFIGURE, VIEW, can, posted_switch, role_required
 
 from .. import config
+from ..header import header_as_json
 from ..models import MatchMode, Node, ReceivedInstance, RoutingMode, Rule
 from ..routing import facts_for
 from ..rules import (
@@ -43,7 +44,6 @@ from ..rules import (
     resolve_attribute,
     rule_matches,
 )
-from ..storage import header_as_json
 from .nodes import add_problems
 
 # How many of the last received instances Test tries the rule on.

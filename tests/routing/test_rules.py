@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from routing.config import ConfigError, import_config
+from routing.header import header_as_json
 from routing.models import Rule
 from routing.rules import (
     ORDER_MAX,
@@ -27,7 +28,6 @@ from routing.rules import (
     validate_rule,
     wildcard_to_regex,
 )
-from routing.storage import header_as_json
 
 HEADER = {
     "Modality": "CT",

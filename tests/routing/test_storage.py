@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from routing.models import ReceivedInstance, ReceivedStudy
@@ -17,7 +15,6 @@ from routing.storage import (
     Origin,
     StorageConfig,
     StoreStatus,
-    header_as_json,
     store_instance,
 )
 from tests.fixtures_storage import sample_file
@@ -107,31 +104,6 @@ def test_garbage_is_refused_as_unparsable(config):
 
     assert result.status == StoreStatus.CANNOT_PARSE
     assert every_file(config) == []
-
-
-@pytest.mark.filterwarnings("ignore:The value length")
-def test_the_header_keeps_short_text_values_and_leaves_out_the_rest():
-    ds = Dataset()
-    ds.Modality = "CT"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PatientName = "Smith^John"
-    ds.SeriesNumber = 12
-    ds.StudyDescription = "x" * 2000
-    ds.InstitutionName = "General\x00"
-    ds.add_new(0x00291010, "LO", "private value")
-    ds.add_new(0x00091001, "OB", b"\x01\x02")
-    ds.ReferencedStudySequence = Sequence([Dataset()])
-
-    header = header_as_json(ds)
-
-    assert header == {
-        "ImageType": ["ORIGINAL", "PRIMARY"],
-        "Modality": "CT",
-        "InstitutionName": "General",
-        "PatientName": "Smith^John",
-        "SeriesNumber": "12",
-        "00291010": "private value",
-    }
 
 
 def test_the_study_collects_its_modalities(config, tmp_path):
