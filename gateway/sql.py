@@ -84,6 +84,29 @@ def _insert_sql(model: type[models.Model], rows: int, vendor: str, unique: str =
             f"{', '.join([placeholder] * rows)}{skip} RETURNING {quote(model._meta.pk.column)}")
 
 
+@cache
+def select_items(model: type[models.Model], expressions: tuple[tuple[str, str], ...] = ()
+                 ) -> tuple[str, str]:
+    """For ``INSERT INTO <table> (<columns>) SELECT <items> FROM ...`` on PostgreSQL: the
+    quoted column list and one item per column, a parameter cast to the column's type, or the
+    SQL expression given for its attname (which takes the row's value if it holds a ``%s``).
+    :func:`select_params` gives the matching parameters."""
+    quote = connection.ops.quote_name
+    given = dict(expressions)
+    items = [given.get(attname, f"%s::{field.db_type(connection)}")
+             for attname, _column, field in _columns(model)]
+    return ", ".join(quote(c) for _, c, _ in _columns(model)), ", ".join(items)
+
+
+def select_params(model: type[models.Model], row: dict,
+                  expressions: tuple[tuple[str, str], ...] = ()) -> list:
+    """The parameters of :func:`select_items` for ``row`` (read as :func:`insert` reads it)."""
+    given = dict(expressions)
+    return [value for (attname, _c, _f), value in zip(_columns(model), _params(model, [row]),
+                                                      strict=True)
+            if "%s" in given.get(attname, "%s")]
+
+
 def insert(model: type[models.Model], rows: list[dict]) -> list[int]:
     """Insert ``rows`` (attname → value; missing values take the field's default) and return
     their primary keys in order."""

@@ -26,6 +26,7 @@ replaced instance, the sweeps, per-study rules once the study is quiet).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -142,6 +143,30 @@ def _delivery_row(instance_id: int, version: int, node_id: int, rule: Rule,
     }
 
 
+def decision_locks(decision: Decision) -> tuple[str, list]:
+    """A statement (and its parameters) that locks the nodes and rules ``decision`` names
+    against deletion until commit and counts those still there: ``n`` and ``r`` common
+    table expressions, then whether all are, as ``recorded``."""
+    node_ids = sorted(decision.deliveries)
+    rule_ids = sorted({rule.pk for rule in decision.deliveries.values()})
+    return _locks_sql(len(node_ids), len(rule_ids)), [
+        *node_ids, *rule_ids, len(node_ids), len(rule_ids)]
+
+
+@functools.cache
+def _locks_sql(nodes: int, rules: int) -> str:
+    qn = connection.ops.quote_name
+    lock = " FOR KEY SHARE" if connection.vendor == "postgresql" else ""
+
+    def locked(model, count):
+        return (f"SELECT {qn('id')} FROM {qn(model._meta.db_table)} "
+                f"WHERE {qn('id')} IN ({', '.join(['%s'] * count)}){lock}")
+
+    return (f"n AS ({locked(Node, nodes)}), r AS ({locked(Rule, rules)}), "
+            "ok AS (SELECT (SELECT COUNT(*) FROM n) = %s AND (SELECT COUNT(*) FROM r) = %s "
+            "AS recorded)")
+
+
 def can_record(decision: Decision) -> bool:
     """Inside the storing transaction, before the instance row is written: whether the
     nodes and rules ``decision`` names still exist (the association's rules may be older
@@ -149,21 +174,25 @@ def can_record(decision: Decision) -> bool:
     :func:`record_decision` inserts cannot fail their foreign keys at commit."""
     if not decision.deliveries:
         return True
-    node_ids = sorted(decision.deliveries)
-    rule_ids = sorted({rule.pk for rule in decision.deliveries.values()})
-    qn = connection.ops.quote_name
-    lock = " FOR KEY SHARE" if connection.vendor == "postgresql" else ""
-
-    def locked(model, ids):
-        return (f"SELECT {qn('id')} FROM {qn(model._meta.db_table)} "
-                f"WHERE {qn('id')} IN ({', '.join(['%s'] * len(ids))}){lock}")
-
-    sql_text = (f"WITH n AS ({locked(Node, node_ids)}), r AS ({locked(Rule, rule_ids)}) "
-                "SELECT (SELECT COUNT(*) FROM n), (SELECT COUNT(*) FROM r)")
+    locks, params = decision_locks(decision)
     with sql.cursor() as cursor:
-        cursor.execute(sql_text, [*node_ids, *rule_ids])
-        nodes, rules = cursor.fetchone()
-    return (nodes, rules) == (len(node_ids), len(rule_ids))
+        cursor.execute(f"WITH {locks} SELECT recorded FROM ok", params)
+        return bool(cursor.fetchone()[0])
+
+
+def delivery_rows(instance_id: int, version: int, decision: Decision,
+                  now: datetime) -> list[dict]:
+    """The Delivery rows (PENDING, due ``now``) of ``decision`` for one instance version."""
+    return [_delivery_row(instance_id, version, node_id, rule, now)
+            for node_id, rule in decision.deliveries.items()]
+
+
+def enqueue_on_commit(decision: Decision) -> None:
+    """Once the transaction that recorded ``decision``'s deliveries commits, enqueue their
+    nodes (at once outside a transaction)."""
+    node_ids = sorted(decision.deliveries)
+    if node_ids:
+        transaction.on_commit(lambda: enqueue_nodes(node_ids))
 
 
 def record_decision(instance_id: int, version: int, decision: Decision,
@@ -173,12 +202,8 @@ def record_decision(instance_id: int, version: int, decision: Decision,
     nodes once the transaction commits, as :func:`route_instance` does."""
     if not decision.deliveries:
         return
-    sql.insert(Delivery, [
-        _delivery_row(instance_id, version, node_id, rule, now)
-        for node_id, rule in decision.deliveries.items()
-    ])
-    node_ids = sorted(decision.deliveries)
-    transaction.on_commit(lambda: enqueue_nodes(node_ids))
+    sql.insert(Delivery, delivery_rows(instance_id, version, decision, now))
+    enqueue_on_commit(decision)
 
 
 def enabled_rules() -> list[Rule]:

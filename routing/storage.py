@@ -8,13 +8,21 @@ in the same transaction (:func:`routing.routing.decide`: the header, the associa
 the parsed data set are in memory, so nothing is read back); otherwise, and for a replaced
 instance, routing happens after, on the committed row (:func:`routing.routing.route_instance`).
 
-Durability: the bytes go to a temporary file in the destination directory (same
-filesystem), are fsynced, renamed over the final name, and the directory is fsynced; the
-rename happens inside the database transaction, so a failed commit removes the new file.
+Durability: the bytes go to a temporary file under ``store/.incoming`` (same filesystem),
+created, written and fsynced by a helper thread while this one parses the data set, decides
+where it goes and prepares its rows. The file then gets its final name and its directory is
+fsynced before the rows commit, so a committed row always names a durable file.
+
+- On PostgreSQL, a new instance is recorded (study, instance, deliveries) by one statement
+  that commits by itself: the modality waits for one round trip to the database. The final
+  name is a hard link made just before; it fails when a file is there, and the instance
+  then takes the transactional path; it is removed again if the statement fails or finds
+  the SOP Instance UID already recorded.
+- Otherwise (SQLite, a duplicate, inside a caller's transaction) the rows are written in a
+  transaction, the temporary file is renamed over the final name just before the commit,
+  and a failed commit removes the new file.
+
 Nothing is half-kept: on any failure the temporary file is removed and no row is written.
-The file is created, written and fsynced by a helper thread while this one reads the
-header and writes the rows (each mostly waits, on the disk or on the database); the rename
-waits for it.
 
 Duplicates (the same SOP Instance UID received again), by ``GATEWAY_DUPLICATE_POLICY``:
 
@@ -54,7 +62,16 @@ from gateway import sql
 
 from .header import header_as_json
 from .models import Delivery, DeliveryStatus, ReceivedInstance, ReceivedStudy, RoutingStatus
-from .routing import Decision, can_record, decide, facts_from_dataset, record_decision
+from .routing import (
+    Decision,
+    can_record,
+    decide,
+    decision_locks,
+    delivery_rows,
+    enqueue_on_commit,
+    facts_from_dataset,
+    record_decision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +117,11 @@ class StorageConfig:
     @property
     def store_dir(self) -> Path:
         return self.data_dir / "store"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where instances are written before their UIDs are known (same filesystem)."""
+        return self.store_dir / ".incoming"
 
 
 @dataclass(frozen=True)
@@ -149,8 +171,16 @@ def store_instance(encoded: bytes, origin: Origin, config: StorageConfig,
     written; duplicates per ``config.duplicate_policy`` (see the module docstring).
     """
     try:
-        ds = _parse(encoded)
-        return _store(encoded, ds, _uids(ds), origin, config, rules)
+        _check_free_space(config, len(encoded))
+        # Written and fsynced meanwhile: parsing, deciding and recording wait for it last.
+        written = _write_temp(config.incoming_dir, encoded)
+        try:
+            ds = _parse(encoded)
+            uids = _uids(ds)
+        except StoreRefused:
+            _discard_written(written)
+            raise
+        return _store(encoded, ds, uids, origin, config, rules, written)
     except StoreRefused as refused:
         logger.warning("C-STORE from %s refused (0x%04X): %s",
                        origin.calling_ae, refused.status, refused.comment)
@@ -225,42 +255,33 @@ def _decide(rules: list | None, header: dict, origin: Origin, ds: Dataset) -> De
 
 
 def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
-           config: StorageConfig, rules: list | None = None) -> StoreResult:
-    if config.duplicate_policy != DuplicatePolicy.REPLACE:
-        existing = ReceivedInstance.objects.filter(sop_instance_uid=uids.sop_instance).first()
-        if existing is not None and config.duplicate_policy == DuplicatePolicy.KEEP:
-            return StoreResult(StoreStatus.SUCCESS, "duplicate kept", existing.pk, route=False)
-        if existing is not None and config.duplicate_policy == DuplicatePolicy.REJECT:
-            raise StoreRefused(StoreStatus.DUPLICATE_REJECTED, "SOP Instance UID already received")
-    _check_free_space(config, len(encoded))
-
+           config: StorageConfig, rules: list | None, written: Future) -> StoreResult:
+    """Keep the instance whose bytes ``written`` is writing, or remove them."""
     final = config.store_dir / uids.study / uids.series / f"{uids.sop_instance}.dcm"
-    written = _write_temp(final, encoded)
     renamed = False
     previous_path: str | None = None
     try:
+        if config.duplicate_policy != DuplicatePolicy.REPLACE:
+            existing = (ReceivedInstance.objects.filter(sop_instance_uid=uids.sop_instance)
+                        .first())
+            if existing is not None and config.duplicate_policy == DuplicatePolicy.KEEP:
+                _discard_written(written)
+                return StoreResult(StoreStatus.SUCCESS, "duplicate kept", existing.pk,
+                                   route=False)
+            if existing is not None and config.duplicate_policy == DuplicatePolicy.REJECT:
+                raise StoreRefused(StoreStatus.DUPLICATE_REJECTED,
+                                   "SOP Instance UID already received")
         header = header_as_json(ds)
         decision = _decide(rules, header, origin, ds)
+        if connection.vendor == "postgresql" and not connection.in_atomic_block:
+            stored = _store_new(written, final, ds, uids, header, origin, len(encoded),
+                                decision)
+            if stored is not None:
+                return stored
         with transaction.atomic():
             now = timezone.now()
-            study_id = _upsert_study(ds, uids.study, now)
-            fields = {
-                "study_id": study_id,
-                "sop_class_uid": uids.sop_class,
-                "series_instance_uid": uids.series,
-                "transfer_syntax_uid": uids.transfer_syntax,
-                "header": header,
-                "calling_ae": origin.calling_ae[:16],
-                "called_ae": origin.called_ae[:16],
-                "source_ip": origin.source_ip[:64],
-                "association_id": origin.association_id,
-                "size": len(encoded),
-                "path": str(final),
-                "received_at": now,
-                "routing_status": RoutingStatus.PENDING,
-                "routed_at": None,
-                "file_deleted_at": None,
-            }
+            fields = {"study_id": _upsert_study(ds, header, uids.study, now),
+                      **_instance_fields(uids, header, origin, len(encoded), final, now)}
             # Most instances are new: insert straight away, routed when the rules allow; a
             # duplicate (already there, or stored meanwhile by another association) hits
             # the unique SOP Instance UID, is not inserted, and takes the locked path below.
@@ -305,6 +326,7 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                 instance_id = instance.pk
             # Last step before commit: from here on, the file is the one the row describes.
             temp = _written(written)
+            _make_dirs(final.parent)
             os.replace(temp, final)
             renamed = True
             _fsync_dir(final.parent)
@@ -326,6 +348,125 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
     return StoreResult(StoreStatus.SUCCESS, instance_id=instance_id, route=decision is None)
 
 
+def _instance_fields(uids: _Uids, header: dict, origin: Origin, size: int, final: Path,
+                     now) -> dict:
+    """The instance row's values as received, but its study, SOP Instance UID and version."""
+    return {
+        "sop_class_uid": uids.sop_class,
+        "series_instance_uid": uids.series,
+        "transfer_syntax_uid": uids.transfer_syntax,
+        "header": header,
+        "calling_ae": origin.calling_ae[:16],
+        "called_ae": origin.called_ae[:16],
+        "source_ip": origin.source_ip[:64],
+        "association_id": origin.association_id,
+        "size": size,
+        "path": str(final),
+        "received_at": now,
+        "routing_status": RoutingStatus.PENDING,
+        "routed_at": None,
+        "file_deleted_at": None,
+    }
+
+
+def _store_new(written: Future, final: Path, ds: Dataset, uids: _Uids, header: dict,
+               origin: Origin, size: int, decision: Decision | None) -> StoreResult | None:
+    """A new instance on PostgreSQL, outside a transaction: the study upsert, the instance
+    row and its deliveries in one statement that commits alone, so the C-STORE waits for
+    one round trip to the database instead of six, each of which waited for a core while a
+    study was being forwarded. The file gets its final name first (a link, which fails if
+    a file is there) and the directory is fsynced, as the transactional path does before
+    its commit. None, with nothing changed, when a file or a row of this SOP Instance UID
+    is there already: the transactional path replaces it under a lock."""
+    temp = _written(written)
+    _make_dirs(final.parent)
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        return None
+    try:
+        _fsync_dir(final.parent)
+        now = timezone.now()
+        instance_id, recorded = _insert_new(
+            ds, uids, _instance_fields(uids, header, origin, size, final, now), decision, now)
+    except BaseException:
+        _discard(str(final))
+        raise
+    if instance_id is None:
+        _discard(str(final))  # the row there has a file of its own, or lost it
+        return None
+    # The file is known by its final name now; the temporary name can go a little later.
+    _writers.submit(_discard, temp)
+    if not recorded:
+        return StoreResult(StoreStatus.SUCCESS, instance_id=instance_id, route=True)
+    if decision is not None:
+        enqueue_on_commit(decision)
+    return StoreResult(StoreStatus.SUCCESS, instance_id=instance_id, route=decision is None)
+
+
+def _insert_new(ds: Dataset, uids: _Uids, fields: dict, decision: Decision | None,
+                now) -> tuple[int | None, bool]:
+    """Run the one statement of :func:`_store_new`; return the new instance's id (None if
+    the SOP Instance UID has a row) and whether the decision's deliveries were recorded
+    (False when a node or rule it names is gone: the instance is then PENDING)."""
+    deliveries = decision.deliveries if decision is not None else {}
+    status = decision.status if decision is not None else RoutingStatus.PENDING
+    row = {**fields, "sop_instance_uid": uids.sop_instance, "version": 1,
+           "routing_status": status,
+           "routed_at": None if status == RoutingStatus.PENDING else now}
+    params = _study_params(ds, fields["header"], uids.study, now)
+    locks = ""
+    if deliveries:
+        locks, lock_params = decision_locks(decision)
+        params += lock_params
+    instance_sql, delivery_sql = _one_statement_parts(len(deliveries))
+    params += sql.select_params(ReceivedInstance, row, _INSTANCE_EXPRESSIONS)
+    for delivery in delivery_rows(0, 1, decision, now) if deliveries else []:
+        params += sql.select_params(Delivery, delivery, _delivery_expressions())
+    statement = _one_statement(locks, instance_sql, delivery_sql)
+    with sql.cursor() as cursor:
+        cursor.execute(statement, params)
+        instance_id, recorded = cursor.fetchone()
+    return instance_id, bool(recorded)
+
+
+_INSTANCE_EXPRESSIONS = (
+    ("study_id", "s.id"),
+    # Routed only if the nodes and rules decided on are still there (see can_record).
+    ("routing_status", f"CASE WHEN ok.recorded THEN %s::varchar(10) "
+                       f"ELSE '{RoutingStatus.PENDING.value}' END"),
+    ("routed_at", "CASE WHEN ok.recorded THEN %s::timestamp with time zone END"),
+)
+
+
+@functools.cache
+def _delivery_expressions() -> tuple[tuple[str, str], ...]:
+    return (("instance_id", "i.id"),)
+
+
+@functools.cache
+def _one_statement_parts(deliveries: int) -> tuple[str, str]:
+    qn = connection.ops.quote_name
+    columns, items = sql.select_items(ReceivedInstance, _INSTANCE_EXPRESSIONS)
+    instance_sql = (
+        f"i AS (INSERT INTO {qn(ReceivedInstance._meta.db_table)} ({columns}) "
+        f"SELECT {items} FROM s, ok ON CONFLICT ({qn('sop_instance_uid')}) DO NOTHING "
+        f"RETURNING {qn('id')})")
+    if not deliveries:
+        return instance_sql, ""
+    columns, items = sql.select_items(Delivery, _delivery_expressions())
+    selects = " UNION ALL ".join([f"SELECT {items} FROM i, ok WHERE ok.recorded"] * deliveries)
+    return instance_sql, f", d AS (INSERT INTO {qn(Delivery._meta.db_table)} ({columns}) {selects})"
+
+
+@functools.cache
+def _one_statement(locks: str, instance_sql: str, delivery_sql: str) -> str:
+    upsert, _merge = _study_sql(merge_in_sql=True)
+    ok = locks or "ok AS (SELECT TRUE AS recorded)"
+    return (f"WITH s AS ({upsert}), {ok}, {instance_sql}{delivery_sql} "
+            "SELECT (SELECT id FROM i), (SELECT recorded FROM ok)")
+
+
 _STUDY_FIELDS = (
     ("patient_id", "PatientID", 64),
     ("patient_name", "PatientName", 324),
@@ -335,15 +476,12 @@ _STUDY_FIELDS = (
 )
 
 
-def _upsert_study(ds: Dataset, study_uid: str, now) -> int:
+def _upsert_study(ds: Dataset, header: dict, study_uid: str, now) -> int:
     """Create or update the study row (locking it until commit) in one statement; return
     its id. Fields the instance has a value for overwrite the study's; the instance's
     modality is added to the study's modalities."""
-    values = {field: (_text(ds, keyword) or "")[:size] for field, keyword, size in _STUDY_FIELDS}
-    modality = _text(ds, "Modality")
-    stamp = connection.ops.adapt_datetimefield_value(now)
-    params = [study_uid, *values.values(), modality if len(modality) <= 64 else "",
-              stamp, stamp, None]
+    params = _study_params(ds, header, study_uid, now)
+    modality = params[len(_STUDY_FIELDS) + 1]
     upsert, merge = _study_sql()
     with sql.cursor() as cursor:
         cursor.execute(upsert, params)
@@ -357,10 +495,20 @@ def _upsert_study(ds: Dataset, study_uid: str, now) -> int:
     return study_id
 
 
+def _study_params(ds: Dataset, header: dict, study_uid: str, now) -> list:
+    """The parameters of :func:`_study_sql`'s upsert for the instance in ``ds``, whose
+    header (:func:`header_as_json`) has the values decoded already."""
+    values = [_text(ds, header, keyword)[:size] for _field, keyword, size in _STUDY_FIELDS]
+    modality = _text(ds, header, "Modality")
+    stamp = connection.ops.adapt_datetimefield_value(now)
+    return [study_uid, *values, modality if len(modality) <= 64 else "", stamp, stamp, None]
+
+
 @functools.cache
-def _study_sql() -> tuple[str, str]:
+def _study_sql(merge_in_sql: bool = False) -> tuple[str, str]:
     """The study upsert (INSERT ... ON CONFLICT ... RETURNING id, modalities) and the
-    modalities update, built once."""
+    modalities update, built once. ``merge_in_sql`` (PostgreSQL): the upsert adds the
+    instance's modality to the study's itself."""
     qn = connection.ops.quote_name
     table = qn(ReceivedStudy._meta.db_table)
     fields = [field for field, _keyword, _size in _STUDY_FIELDS]
@@ -374,6 +522,14 @@ def _study_sql() -> tuple[str, str]:
         f"ELSE EXCLUDED.{qn(field)} END"
         for field in fields
     ]
+    if merge_in_sql:
+        old, new = f"{table}.{qn('modalities')}", f"EXCLUDED.{qn('modalities')}"
+        updates.append(
+            f"{qn('modalities')} = CASE WHEN {new} = '' "
+            f"OR strpos('\\' || {old} || '\\', '\\' || {new} || '\\') > 0 THEN {old} "
+            f"WHEN {old} = '' THEN {new} "
+            f"WHEN length({old}) + 1 + length({new}) <= 64 THEN {old} || '\\' || {new} "
+            f"ELSE {old} END")
     upsert = (
         f"INSERT INTO {table} ({', '.join(qn(c) for c in columns)}) "
         f"VALUES ({', '.join(['%s'] * len(columns))}) "
@@ -384,7 +540,9 @@ def _study_sql() -> tuple[str, str]:
     return upsert, merge
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(ds: Dataset, header: dict, keyword: str) -> str:
+    if isinstance(header.get(keyword), str):
+        return header[keyword]
     try:
         value = ds.get(keyword)
     except Exception:
@@ -397,15 +555,15 @@ def _text(ds: Dataset, keyword: str) -> str:
 _writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store-writer")
 
 
-def _write_temp(final: Path, data: bytes) -> Future:
-    """Start writing ``data`` to a new temporary file beside ``final``, fsynced; return the
+def _write_temp(directory: Path, data: bytes) -> Future:
+    """Start writing ``data`` to a new temporary file in ``directory``, fsynced; return the
     future of its path. A failure leaves nothing behind."""
-    return _writers.submit(_write_synced, final, data)
+    return _writers.submit(_write_synced, directory, data)
 
 
-def _write_synced(final: Path, data: bytes) -> str:
-    _make_dirs(final.parent)
-    fd, temp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
+def _write_synced(directory: Path, data: bytes) -> str:
+    _make_dirs(directory)
+    fd, temp = tempfile.mkstemp(dir=directory, suffix=".part")
     try:
         try:
             with memoryview(data) as view:

@@ -3,10 +3,18 @@ heard Success."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydicom import dcmread
 
-from routing.models import Delivery, DeliveryStatus, ReceivedInstance, RoutingStatus
+from routing.models import (
+    Delivery,
+    DeliveryStatus,
+    ReceivedInstance,
+    ReceivedStudy,
+    RoutingStatus,
+)
 from routing.routing import enabled_rules, route_pending_instances
 from routing.storage import Origin, StorageConfig, store_instance
 from tests.fixtures_storage import dcmsend, make_node, make_rule, sample_file
@@ -113,3 +121,59 @@ def test_an_instance_stored_with_rules_is_routed_in_the_same_transaction(tmp_pat
         instance, node, 1, []
     )
     assert enqueued == [node.pk]
+
+
+def test_a_new_instance_costs_the_modality_one_statement_on_postgresql(tmp_path, enqueued):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite records an instance in a transaction of several statements")
+    node = make_node("pacs1")
+    make_rule("CT to pacs1", CT_FROM_CT1, [node])
+    rules = enabled_rules()
+    config = StorageConfig(data_dir=tmp_path / "data", min_free_mb=0)
+    encoded = sample_file("explicit", tmp_path).read_bytes()
+
+    with CaptureQueriesContext(connection) as queries:
+        result = store_instance(encoded, Origin("CT1"), config, rules)
+
+    assert (result.ok, result.route) == (True, False)
+    assert len(queries.captured_queries) == 1, [q["sql"][:80] for q in queries]
+    instance = ReceivedInstance.objects.get()
+    assert instance.routing_status == RoutingStatus.ROUTED
+    assert Delivery.objects.get().node == node and enqueued == [node.pk]
+    with open(instance.path, "rb") as f:
+        assert f.read() == encoded
+    assert not any(config.incoming_dir.iterdir())  # the temporary name is gone
+
+
+def test_a_study_collects_its_modalities_instance_by_instance(tmp_path, enqueued):
+    study = "1.2.826.0.1.3680043.8.498.2"
+    config = StorageConfig(data_dir=tmp_path / "data", min_free_mb=0)
+    ct = sample_file("explicit", tmp_path / "in", StudyInstanceUID=study)
+    mr = sample_file("rle", tmp_path / "in", StudyInstanceUID=study)
+    us = sample_file("explicit", tmp_path / "in", StudyInstanceUID=study, Modality="US",
+                     PatientID="")
+
+    for path in (ct, mr, ct, us):
+        assert store_instance(path.read_bytes(), Origin("CT1"), config).ok
+
+    received = ReceivedStudy.objects.get()
+    assert received.modalities == "CT\\MR\\US"
+    assert received.patient_id == dcmread(ct).PatientID  # an empty value keeps the study's
+    assert sorted(received.instances.values_list("version", flat=True)) == [1, 1, 2]
+
+
+def test_an_instance_whose_file_retention_removed_is_stored_again(tmp_path, enqueued):
+    config = StorageConfig(data_dir=tmp_path / "data", min_free_mb=0)
+    path = sample_file("explicit", tmp_path)
+    assert store_instance(path.read_bytes(), Origin("CT1"), config).ok
+    stored = ReceivedInstance.objects.get()
+    Path(stored.path).unlink()  # as retention does, once every delivery is done
+
+    assert store_instance(path.read_bytes(), Origin("CT1"), config).ok
+
+    again = ReceivedInstance.objects.get()
+    assert (again.version, again.path) == (2, stored.path)
+    assert Path(again.path).read_bytes() == path.read_bytes()
