@@ -198,12 +198,10 @@ def enqueue_on_commit(decision: Decision) -> None:
 def record_decision(instance_id: int, version: int, decision: Decision,
                     now: datetime) -> None:
     """Inside the storing transaction, for an instance just inserted with
-    ``decision.status``: insert its deliveries (PENDING, due ``now``) and enqueue their
-    nodes once the transaction commits, as :func:`route_instance` does."""
-    if not decision.deliveries:
-        return
-    sql.insert(Delivery, delivery_rows(instance_id, version, decision, now))
-    enqueue_on_commit(decision)
+    ``decision.status``: insert its deliveries (PENDING, due ``now``); the caller enqueues
+    their nodes on commit (:func:`enqueue_on_commit`)."""
+    if decision.deliveries:
+        sql.insert(Delivery, delivery_rows(instance_id, version, decision, now))
 
 
 def enabled_rules() -> list[Rule]:

@@ -9,19 +9,11 @@ the parsed data set are in memory, so nothing is read back); otherwise, and for 
 instance, routing happens after, on the committed row (:func:`routing.routing.route_instance`).
 
 Durability: the bytes go to a temporary file under ``store/.incoming`` (same filesystem),
-created, written and fsynced by a helper thread while this one parses the data set, decides
-where it goes and prepares its rows. The file then gets its final name and its directory is
-fsynced before the rows commit, so a committed row always names a durable file.
-
-- On PostgreSQL, a new instance is recorded (study, instance, deliveries) by one statement
-  that commits by itself: the modality waits for one round trip to the database. The final
-  name is a hard link made just before; it fails when a file is there, and the instance
-  then takes the transactional path; it is removed again if the statement fails or finds
-  the SOP Instance UID already recorded.
-- Otherwise (SQLite, a duplicate, inside a caller's transaction) the rows are written in a
-  transaction, the temporary file is renamed over the final name just before the commit,
-  and a failed commit removes the new file.
-
+created, written and fsynced by a helper thread from the moment they have arrived, while
+this one parses the data set, decides where it goes and writes its rows in a transaction
+(on PostgreSQL one statement: study, instance and deliveries). Only then does it wait for
+the file, rename it over the final name and fsync the directory, all before the commit:
+a committed row always names a durable file, and a failed commit removes the new file.
 Nothing is half-kept: on any failure the temporary file is removed and no row is written.
 
 Duplicates (the same SOP Instance UID received again), by ``GATEWAY_DUPLICATE_POLICY``:
@@ -273,29 +265,32 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                                    "SOP Instance UID already received")
         header = header_as_json(ds)
         decision = _decide(rules, header, origin, ds)
-        if connection.vendor == "postgresql" and not connection.in_atomic_block:
-            stored = _store_new(written, final, ds, uids, header, origin, len(encoded),
-                                decision)
-            if stored is not None:
-                return stored
         with transaction.atomic():
             now = timezone.now()
-            fields = {"study_id": _upsert_study(ds, header, uids.study, now),
-                      **_instance_fields(uids, header, origin, len(encoded), final, now)}
+            fields = _instance_fields(uids, header, origin, len(encoded), final, now)
             # Most instances are new: insert straight away, routed when the rules allow; a
             # duplicate (already there, or stored meanwhile by another association) hits
             # the unique SOP Instance UID, is not inserted, and takes the locked path below.
-            if decision is not None and not can_record(decision):
-                decision = None
-            status = decision.status if decision is not None else RoutingStatus.PENDING
-            instance_id = sql.insert_new(ReceivedInstance, {
-                **fields, "sop_instance_uid": uids.sop_instance, "version": 1,
-                "routing_status": status,
-                "routed_at": None if status == RoutingStatus.PENDING else now,
-            }, unique="sop_instance_uid")
+            if connection.vendor == "postgresql":
+                instance_id, fields["study_id"], recorded = _insert_new(
+                    ds, uids, fields, decision, now)
+                if instance_id is not None and not recorded:
+                    decision = None
+            else:
+                fields["study_id"] = _upsert_study(ds, header, uids.study, now)
+                if decision is not None and not can_record(decision):
+                    decision = None
+                status = decision.status if decision is not None else RoutingStatus.PENDING
+                instance_id = sql.insert_new(ReceivedInstance, {
+                    **fields, "sop_instance_uid": uids.sop_instance, "version": 1,
+                    "routing_status": status,
+                    "routed_at": None if status == RoutingStatus.PENDING else now,
+                }, unique="sop_instance_uid")
+                if instance_id is not None and decision is not None:
+                    record_decision(instance_id, 1, decision, now)
             if instance_id is not None:
                 if decision is not None:
-                    record_decision(instance_id, 1, decision, now)
+                    enqueue_on_commit(decision)
             else:
                 decision = None
                 instance = (
@@ -369,46 +364,15 @@ def _instance_fields(uids: _Uids, header: dict, origin: Origin, size: int, final
     }
 
 
-def _store_new(written: Future, final: Path, ds: Dataset, uids: _Uids, header: dict,
-               origin: Origin, size: int, decision: Decision | None) -> StoreResult | None:
-    """A new instance on PostgreSQL, outside a transaction: the study upsert, the instance
-    row and its deliveries in one statement that commits alone, so the C-STORE waits for
-    one round trip to the database instead of six, each of which waited for a core while a
-    study was being forwarded. The file gets its final name first (a link, which fails if
-    a file is there) and the directory is fsynced, as the transactional path does before
-    its commit. None, with nothing changed, when a file or a row of this SOP Instance UID
-    is there already: the transactional path replaces it under a lock."""
-    temp = _written(written)
-    _make_dirs(final.parent)
-    try:
-        os.link(temp, final)
-    except FileExistsError:
-        return None
-    try:
-        _fsync_dir(final.parent)
-        now = timezone.now()
-        instance_id, recorded = _insert_new(
-            ds, uids, _instance_fields(uids, header, origin, size, final, now), decision, now)
-    except BaseException:
-        _discard(str(final))
-        raise
-    if instance_id is None:
-        _discard(str(final))  # the row there has a file of its own, or lost it
-        return None
-    # The file is known by its final name now; the temporary name can go a little later.
-    _writers.submit(_discard, temp)
-    if not recorded:
-        return StoreResult(StoreStatus.SUCCESS, instance_id=instance_id, route=True)
-    if decision is not None:
-        enqueue_on_commit(decision)
-    return StoreResult(StoreStatus.SUCCESS, instance_id=instance_id, route=decision is None)
-
-
 def _insert_new(ds: Dataset, uids: _Uids, fields: dict, decision: Decision | None,
-                now) -> tuple[int | None, bool]:
-    """Run the one statement of :func:`_store_new`; return the new instance's id (None if
-    the SOP Instance UID has a row) and whether the decision's deliveries were recorded
-    (False when a node or rule it names is gone: the instance is then PENDING)."""
+                now) -> tuple[int | None, int, bool]:
+    """PostgreSQL, in the storing transaction: the study upsert (the instance's modality
+    merged in SQL), the instance row and its deliveries (guarded by the locks of
+    :func:`routing.routing.can_record`) in one statement, sent while the file's fsync runs:
+    end to end, each of the four it replaces waited for a core that Orthanc and the worker
+    were using. Returns the new instance's id (None if the SOP Instance UID has a row), the
+    study's id, and whether the decision's deliveries were recorded (False when a node or
+    rule it names is gone: the instance is then PENDING)."""
     deliveries = decision.deliveries if decision is not None else {}
     status = decision.status if decision is not None else RoutingStatus.PENDING
     row = {**fields, "sop_instance_uid": uids.sop_instance, "version": 1,
@@ -426,8 +390,8 @@ def _insert_new(ds: Dataset, uids: _Uids, fields: dict, decision: Decision | Non
     statement = _one_statement(locks, instance_sql, delivery_sql)
     with sql.cursor() as cursor:
         cursor.execute(statement, params)
-        instance_id, recorded = cursor.fetchone()
-    return instance_id, bool(recorded)
+        instance_id, study_id, recorded = cursor.fetchone()
+    return instance_id, study_id, bool(recorded)
 
 
 _INSTANCE_EXPRESSIONS = (
@@ -464,7 +428,7 @@ def _one_statement(locks: str, instance_sql: str, delivery_sql: str) -> str:
     upsert, _merge = _study_sql(merge_in_sql=True)
     ok = locks or "ok AS (SELECT TRUE AS recorded)"
     return (f"WITH s AS ({upsert}), {ok}, {instance_sql}{delivery_sql} "
-            "SELECT (SELECT id FROM i), (SELECT recorded FROM ok)")
+            "SELECT (SELECT id FROM i), (SELECT id FROM s), (SELECT recorded FROM ok)")
 
 
 _STUDY_FIELDS = (

@@ -68,10 +68,10 @@ def test_a_write_that_fails_leaves_no_file_and_no_row(config, tmp_path, monkeypa
 def test_a_row_that_cannot_be_saved_leaves_no_file(config, tmp_path, monkeypatch):
     path = sample_file("explicit", tmp_path / "in")
 
-    def failing_insert(*args, **kwargs):
+    def failing_cursor(*args, **kwargs):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr("routing.storage.sql.insert_new", failing_insert)
+    monkeypatch.setattr("routing.storage.sql.cursor", failing_cursor)
 
     result = store_instance(path.read_bytes(), ORIGIN, config)
 

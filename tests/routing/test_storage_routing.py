@@ -123,7 +123,9 @@ def test_an_instance_stored_with_rules_is_routed_in_the_same_transaction(tmp_pat
     assert enqueued == [node.pk]
 
 
-def test_a_new_instance_costs_the_modality_one_statement_on_postgresql(tmp_path, enqueued):
+def test_a_new_instance_is_recorded_by_one_statement_and_its_commit_on_postgresql(
+    tmp_path, enqueued
+):
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -139,7 +141,8 @@ def test_a_new_instance_costs_the_modality_one_statement_on_postgresql(tmp_path,
         result = store_instance(encoded, Origin("CT1"), config, rules)
 
     assert (result.ok, result.route) == (True, False)
-    assert len(queries.captured_queries) == 1, [q["sql"][:80] for q in queries]
+    statements = [q["sql"].split(None, 1)[0].upper() for q in queries.captured_queries]
+    assert statements == ["BEGIN", "WITH", "COMMIT"], [q["sql"][:80] for q in queries]
     instance = ReceivedInstance.objects.get()
     assert instance.routing_status == RoutingStatus.ROUTED
     assert Delivery.objects.get().node == node and enqueued == [node.pk]
