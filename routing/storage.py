@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
@@ -564,6 +565,37 @@ def _discard_written(future: Future) -> None:
     except Exception:
         return  # a failed write leaves nothing
     _discard(temp)
+
+
+# A temporary file is written within a C-STORE (seconds at most); one this old was left by a
+# process that died storing it.
+INCOMING_MAX_AGE_SECONDS = 3600
+
+
+def remove_abandoned_incoming(config: StorageConfig | None = None,
+                              older_than: float = INCOMING_MAX_AGE_SECONDS) -> int:
+    """Periodic: delete the temporary files under ``store/.incoming`` that no C-STORE is
+    writing any more (their process was killed mid-store; their instance was never
+    acknowledged). Returns how many."""
+    config = config or StorageConfig.from_settings()
+    cutoff = time.time() - older_than
+    removed = 0
+    try:
+        entries = list(os.scandir(config.incoming_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if (entry.name.endswith(".part") and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    if removed:
+        logger.warning("removed %d temporary files abandoned in %s", removed,
+                       config.incoming_dir)
+    return removed
 
 
 def _make_dirs(directory: Path) -> None:

@@ -8,7 +8,7 @@ from celery import shared_task
 
 from gateway.audit import acting_as
 
-from . import delivery
+from . import delivery, storage
 from .models import Node
 from .routing import route_pending_instances, route_quiet_studies
 
@@ -49,7 +49,9 @@ def echo_nodes() -> int:
 
 @shared_task
 def purge_delivered_files() -> int:
-    """Periodic (hourly): delete received files that every node has (GATEWAY_RETENTION_HOURS)."""
+    """Periodic (hourly): delete received files that every node has (GATEWAY_RETENTION_HOURS),
+    and temporary files a killed process left behind."""
+    storage.remove_abandoned_incoming()
     with acting_as("system"):
         return delivery.purge_delivered_files()
 

@@ -4,6 +4,8 @@ is kept when writing fails half-way, what the header holds, which UIDs are refus
 from __future__ import annotations
 
 import errno
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,18 @@ def test_the_file_meta_is_encoded_as_pynetdicom_would(calling_ae, sop_instance):
 
     assert _file_meta(str(CTImageStorage), sop_instance, str(ExplicitVRLittleEndian),
                       calling_ae) == encode_file_meta(meta)
+
+
+def test_temporary_files_a_killed_process_left_are_removed_an_hour_later(config):
+    from routing.storage import remove_abandoned_incoming
+
+    config.incoming_dir.mkdir(parents=True)
+    abandoned, writing = config.incoming_dir / "tmpa.part", config.incoming_dir / "tmpb.part"
+    abandoned.write_bytes(b"half an instance")
+    writing.write_bytes(b"an instance being received")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+
+    assert remove_abandoned_incoming(config) == 1
+
+    assert not abandoned.exists() and writing.exists()
