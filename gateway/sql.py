@@ -10,6 +10,7 @@ change here.
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 
 from django.db import connection, models
@@ -84,6 +85,9 @@ def _insert_sql(model: type[models.Model], rows: int, vendor: str, unique: str =
             f"{', '.join([placeholder] * rows)}{skip} RETURNING {quote(model._meta.pk.column)}")
 
 
+_VARCHAR_LENGTH = re.compile(r"^varchar\(\d+\)$")
+
+
 @cache
 def select_items(model: type[models.Model], expressions: tuple[tuple[str, str], ...] = ()
                  ) -> tuple[str, str]:
@@ -93,7 +97,9 @@ def select_items(model: type[models.Model], expressions: tuple[tuple[str, str], 
     :func:`select_params` gives the matching parameters."""
     quote = connection.ops.quote_name
     given = dict(expressions)
-    items = [given.get(attname, f"%s::{field.db_type(connection)}")
+    # varchar(n) without its length: a cast to it would cut a longer value short silently,
+    # where storing into the column refuses it.
+    items = [given.get(attname, f"%s::{_VARCHAR_LENGTH.sub('varchar', field.db_type(connection))}")
              for attname, _column, field in _columns(model)]
     return ", ".join(quote(c) for _, c, _ in _columns(model)), ", ".join(items)
 

@@ -266,6 +266,9 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                                    "SOP Instance UID already received")
         header = header_as_json(ds)
         decision = _decide(rules, header, origin, ds)
+        if connection.vendor == "sqlite":
+            # Its transaction locks the whole database: other writers must not wait for the disk.
+            _written(written)
         with transaction.atomic():
             now = timezone.now()
             fields = _instance_fields(uids, header, origin, len(encoded), final, now)
@@ -398,7 +401,7 @@ def _insert_new(ds: Dataset, uids: _Uids, fields: dict, decision: Decision | Non
 _INSTANCE_EXPRESSIONS = (
     ("study_id", "s.id"),
     # Routed only if the nodes and rules decided on are still there (see can_record).
-    ("routing_status", f"CASE WHEN ok.recorded THEN %s::varchar(10) "
+    ("routing_status", f"CASE WHEN ok.recorded THEN %s::varchar "
                        f"ELSE '{RoutingStatus.PENDING.value}' END"),
     ("routed_at", "CASE WHEN ok.recorded THEN %s::timestamp with time zone END"),
 )
@@ -584,6 +587,9 @@ def remove_abandoned_incoming(config: StorageConfig | None = None,
         entries = list(os.scandir(config.incoming_dir))
     except FileNotFoundError:
         return 0
+    except OSError:
+        logger.exception("cannot list %s", config.incoming_dir)
+        return 0
     for entry in entries:
         try:
             if (entry.name.endswith(".part") and entry.is_file(follow_symlinks=False)
@@ -592,6 +598,8 @@ def remove_abandoned_incoming(config: StorageConfig | None = None,
                 removed += 1
         except FileNotFoundError:
             continue
+        except OSError:  # one file we may not remove must not stop retention
+            logger.exception("cannot remove %s", entry.path)
     if removed:
         logger.warning("removed %d temporary files abandoned in %s", removed,
                        config.incoming_dir)
