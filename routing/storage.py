@@ -387,13 +387,11 @@ def _insert_new(ds: Dataset, uids: _Uids, fields: dict, decision: Decision | Non
     if deliveries:
         locks, lock_params = decision_locks(decision)
         params += lock_params
-    instance_sql, delivery_sql = _one_statement_parts(len(deliveries))
     params += sql.select_params(ReceivedInstance, row, _INSTANCE_EXPRESSIONS)
     for delivery in delivery_rows(0, 1, decision, now) if deliveries else []:
-        params += sql.select_params(Delivery, delivery, _delivery_expressions())
-    statement = _one_statement(locks, instance_sql, delivery_sql)
+        params += sql.select_params(Delivery, delivery, _DELIVERY_EXPRESSIONS)
     with sql.cursor() as cursor:
-        cursor.execute(statement, params)
+        cursor.execute(_one_statement(locks, len(deliveries)), params)
         instance_id, study_id, recorded = cursor.fetchone()
     return instance_id, study_id, bool(recorded)
 
@@ -407,31 +405,27 @@ _INSTANCE_EXPRESSIONS = (
 )
 
 
-@functools.cache
-def _delivery_expressions() -> tuple[tuple[str, str], ...]:
-    return (("instance_id", "i.id"),)
+_DELIVERY_EXPRESSIONS = (("instance_id", "i.id"),)
 
 
 @functools.cache
-def _one_statement_parts(deliveries: int) -> tuple[str, str]:
+def _one_statement(locks: str, deliveries: int) -> str:
+    """The statement of :func:`_insert_new`: ``locks`` from
+    :func:`routing.routing.decision_locks` ("" without deliveries), then ``deliveries`` rows."""
     qn = connection.ops.quote_name
+    upsert, _merge = _study_sql(merge_in_sql=True)
+    parts = [f"s AS ({upsert})", locks or "ok AS (SELECT TRUE AS recorded)"]
     columns, items = sql.select_items(ReceivedInstance, _INSTANCE_EXPRESSIONS)
-    instance_sql = (
+    parts.append(
         f"i AS (INSERT INTO {qn(ReceivedInstance._meta.db_table)} ({columns}) "
         f"SELECT {items} FROM s, ok ON CONFLICT ({qn('sop_instance_uid')}) DO NOTHING "
         f"RETURNING {qn('id')})")
-    if not deliveries:
-        return instance_sql, ""
-    columns, items = sql.select_items(Delivery, _delivery_expressions())
-    selects = " UNION ALL ".join([f"SELECT {items} FROM i, ok WHERE ok.recorded"] * deliveries)
-    return instance_sql, f", d AS (INSERT INTO {qn(Delivery._meta.db_table)} ({columns}) {selects})"
-
-
-@functools.cache
-def _one_statement(locks: str, instance_sql: str, delivery_sql: str) -> str:
-    upsert, _merge = _study_sql(merge_in_sql=True)
-    ok = locks or "ok AS (SELECT TRUE AS recorded)"
-    return (f"WITH s AS ({upsert}), {ok}, {instance_sql}{delivery_sql} "
+    if deliveries:
+        columns, items = sql.select_items(Delivery, _DELIVERY_EXPRESSIONS)
+        selects = " UNION ALL ".join(
+            [f"SELECT {items} FROM i, ok WHERE ok.recorded"] * deliveries)
+        parts.append(f"d AS (INSERT INTO {qn(Delivery._meta.db_table)} ({columns}) {selects})")
+    return (f"WITH {', '.join(parts)} "
             "SELECT (SELECT id FROM i), (SELECT id FROM s), (SELECT recorded FROM ok)")
 
 
