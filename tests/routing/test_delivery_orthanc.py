@@ -5,6 +5,7 @@ copy, and every kind of failure leaves a row a person can read."""
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
@@ -107,6 +108,105 @@ def test_it_sends_many_instances_on_one_association(tmp_path, orthanc):
     assert (run.associations, run.delivered) == (1, count + 1)
     assert len(orthanc.instances()) == count + 1
     assert sorted(orthanc.receptions()) == sorted(d.instance.sop_instance_uid for d in rows(node))
+
+
+def big_instance(directory: Path, rows: int = 1000, columns: int = 1301):
+    """A CT image of 2.6 MB: several of the SCU's writes, its last PDU a short one."""
+    pixels = np.arange(rows * columns, dtype="<u2") % 4096
+    return make_instance(directory, "CT_small.dcm", Rows=rows, Columns=columns,
+                         PixelData=pixels.tobytes())
+
+
+def test_an_instance_larger_than_a_write_arrives_whole(tmp_path, orthanc):
+    node = make_node(orthanc)
+    instances = [big_instance(tmp_path), make_instance(tmp_path, "CT_small.dcm")]
+    for instance in instances:
+        make_delivery(instance, node)
+
+    run = delivery.deliver_to_node(node.pk)
+
+    assert (run.errors, run.delivered) == ([], 2)
+    stored = orthanc.instances()
+    for instance in instances:
+        arrived = orthanc.file(stored[instance.sop_instance_uid])
+        assert dataset_bytes(arrived, tmp_path) == dataset_bytes(Path(instance.path), tmp_path)
+
+
+def small_pdu_pacs(max_pdu: int, on_data=None):
+    """A pynetdicom storage SCP that takes PDUs of at most ``max_pdu`` bytes and keeps the size
+    of each PDU and the data set of each C-STORE it receives."""
+    seen: dict = {"pdus": [], "data_sets": {}, "message_ids": []}
+
+    def on_store(event):
+        seen["data_sets"][str(event.request.AffectedSOPInstanceUID)] = (
+            event.request.DataSet.getvalue())
+        seen["message_ids"].append(event.request.MessageID)
+        return 0x0000
+
+    def on_recv(event):
+        seen["pdus"].append((event.data[0], len(event.data)))
+        if on_data:
+            on_data(event, seen)
+
+    ae = AE(ae_title="SMALLPDU")
+    ae.maximum_pdu_size = max_pdu
+    ae.add_supported_context(CTImageStorage, scu.UNCOMPRESSED)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, on_store), (evt.EVT_DATA_RECV, on_recv)])
+    return server, port, seen
+
+
+def test_no_pdu_is_longer_than_the_pacs_accepts(tmp_path):
+    server, port, seen = small_pdu_pacs(4096)
+    try:
+        node = make_node(ae_title="SMALLPDU", port=port)
+        instances = [make_instance(tmp_path, "CT_small.dcm"), big_instance(tmp_path)]
+        for instance in instances:
+            make_delivery(instance, node)
+
+        run = delivery.deliver_to_node(node.pk)
+    finally:
+        server.shutdown()
+
+    assert (run.errors, run.delivered) == ([], 2)
+    data_pdus = [length for kind, length in seen["pdus"] if kind == 0x04]
+    assert len(data_pdus) > 2 * 1024 * 1024 / 4096
+    # PS3.8 9.3.5: the PDU length (the 6-byte header excluded) never exceeds the maximum.
+    assert max(data_pdus) - 6 == 4096
+    assert seen["message_ids"] == [1, 2]
+    for instance in instances:
+        assert (seen["data_sets"][instance.sop_instance_uid]
+                == dataset_bytes(Path(instance.path), tmp_path))
+
+
+def test_a_pacs_that_drops_the_connection_mid_instance_gets_it_again_later(tmp_path):
+    def stall_then_drop(event, seen):
+        # Stop reading once the data set has begun, so that the sender's writes block with
+        # megabytes still to go, then close: those writes fail.
+        if len(seen["pdus"]) == 3:
+            time.sleep(0.3)
+            event.assoc.dul.socket.close()
+
+    server, port, seen = small_pdu_pacs(16384, stall_then_drop)
+    try:
+        node = make_node(ae_title="SMALLPDU", port=port)
+        # 12 MB: more than a loopback connection's buffers take in while nobody reads.
+        first = big_instance(tmp_path, rows=2000, columns=3001)
+        second = make_instance(tmp_path, "CT_small.dcm")
+        for instance in (first, second):
+            make_delivery(instance, node)
+
+        run = delivery.deliver_to_node(node.pk)
+    finally:
+        server.shutdown()
+
+    assert (run.delivered, run.failed) == (0, 1)
+    assert seen["data_sets"] == {}
+    failed, given_back = rows(node)
+    assert failed.status == DeliveryStatus.FAILED
+    assert failed.last_error.startswith("connection to PACS1 lost")
+    assert (given_back.status, given_back.attempts) == (DeliveryStatus.PENDING, 0)
 
 
 @pytest.mark.parametrize(
