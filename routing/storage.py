@@ -19,10 +19,12 @@ Nothing is half-kept: on any failure the temporary file is removed and no row is
 Duplicates (the same SOP Instance UID received again), by ``GATEWAY_DUPLICATE_POLICY``:
 
 ``replace`` (default)
-    The new bytes atomically replace the stored file, the row's ``version`` goes up, the
-    instance is routed again (deliveries are per version). Deliveries of the older version
-    still waiting (PENDING/FAILED) are marked ABANDONED ("superseded"); one being sent
-    finishes.
+    The new bytes are stored beside the old ones (``<sop instance>.v<version>.dcm``), the
+    row's ``version`` goes up and names them, and the old file is removed once that has
+    committed: a failure or a crash before leaves the previous version whole, row and file.
+    The instance is routed again (deliveries are per version). Deliveries of the older
+    version still waiting (PENDING/FAILED) are marked ABANDONED ("superseded"); one being
+    sent finishes (its file stays readable while open).
 ``keep``
     The first copy stays, the peer gets Success, nothing is written or routed.
 ``reject``
@@ -225,7 +227,10 @@ def _uids(ds: Dataset) -> _Uids:
 
 
 def _check_free_space(config: StorageConfig, size: int) -> None:
-    config.store_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _make_dirs(config.store_dir)
+    except OSError as exc:
+        raise _write_refused(exc) from None
     free = shutil.disk_usage(config.store_dir).free
     if free - size < config.min_free_mb * 1024 * 1024:
         raise StoreRefused(StoreStatus.OUT_OF_RESOURCES,
@@ -310,6 +315,10 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
                                        else StoreStatus.SUCCESS, "duplicate") from None
                 previous_path = instance.path
                 instance.version += 1
+                # A name of its own: until this commits, the row and the file it names are
+                # still the previous version's, whatever fails from here on.
+                final = final.with_name(f"{uids.sop_instance}.v{instance.version}.dcm")
+                fields["path"] = str(final)
                 Delivery.objects.filter(
                     instance=instance,
                     status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED],
@@ -335,7 +344,7 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
             return StoreResult(StoreStatus.SUCCESS, "duplicate kept")
         raise
     except Exception as exc:
-        if renamed and previous_path is None:
+        if renamed:
             _discard(str(final))
         elif not renamed:
             _discard_written(written)

@@ -82,6 +82,48 @@ def test_a_row_that_cannot_be_saved_leaves_no_file(config, tmp_path, monkeypatch
     assert not ReceivedStudy.objects.exists()
 
 
+def same_instance_again(path: Path, tmp_path: Path, **changes) -> Path:
+    ds = dcmread(path)
+    return sample_file("explicit", tmp_path / "again", **changes, **{
+        keyword: ds[keyword].value
+        for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")})
+
+
+def test_a_replacement_that_fails_at_the_last_step_leaves_the_previous_version_whole(
+        config, tmp_path, monkeypatch):
+    first = sample_file("explicit", tmp_path / "in", InstitutionName="First")
+    assert store_instance(first.read_bytes(), ORIGIN, config).ok
+    second = same_instance_again(first, tmp_path, InstitutionName="Second")
+
+    def failing_fsync_dir(directory):
+        raise OSError(errno.EIO, "I/O error")
+
+    # The new file is in place; the directory cannot be made durable, so nothing commits.
+    monkeypatch.setattr("routing.storage._fsync_dir", failing_fsync_dir)
+    result = store_instance(second.read_bytes(), ORIGIN, config)
+
+    assert result.status == StoreStatus.CANNOT_WRITE
+    row = ReceivedInstance.objects.get()
+    assert (row.version, row.header["InstitutionName"]) == (1, "First")
+    assert Path(row.path).read_bytes() == first.read_bytes()
+    assert every_file(config) == [Path(row.path)]
+
+
+def test_a_replacement_is_stored_beside_the_previous_version_then_takes_its_place(
+        config, tmp_path):
+    first = sample_file("explicit", tmp_path / "in", InstitutionName="First")
+    assert store_instance(first.read_bytes(), ORIGIN, config).ok
+    before = ReceivedInstance.objects.get().path
+    second = same_instance_again(first, tmp_path, InstitutionName="Second")
+
+    assert store_instance(second.read_bytes(), ORIGIN, config).ok
+
+    row = ReceivedInstance.objects.get()
+    assert (row.version, row.path) == (2, before.replace(".dcm", ".v2.dcm"))
+    assert Path(row.path).read_bytes() == second.read_bytes()
+    assert every_file(config) == [Path(row.path)]
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 @pytest.mark.parametrize("study_uid", ["../../../etc", "1.2.3/4", "1.2.x", ""])
 def test_a_uid_that_is_not_a_uid_is_refused_before_anything_is_written(config, tmp_path,
