@@ -19,6 +19,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from gateway.dimse import answer_stores_directly, install_prompt_waits
 from routing.dicom_handlers import (
     STORAGE_TRANSFER_SYNTAXES,
     storage_handlers,
@@ -37,6 +38,8 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 # The standard handlers format a log line per message even when the logger drops it.
 _config.LOG_HANDLER_LEVEL = "none"
+# Association threads wake when there is work instead of polling every millisecond.
+install_prompt_waits()
 
 # Explicit VR first: it carries the VR, so keys the gateway does not know come back typed.
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -64,6 +67,12 @@ def set_tcp_nodelay(event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # the peer may already have gone
             pass
+
+
+def answer_stores_promptly(event) -> None:
+    """EVT_CONN_OPEN: C-STORE responses are written by the thread that stored the instance
+    (see :mod:`gateway.dimse`)."""
+    answer_stores_directly(event.assoc)
 
 
 def services(
@@ -106,7 +115,10 @@ def build_ae(ae_title: str | None = None, offered: list[Service] | None = None) 
 
 def event_handlers(offered: list[Service] | None = None) -> list[Handler]:
     """Every handler to bind when the server starts, transport handlers first."""
-    handlers: list[Handler] = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
+    handlers: list[Handler] = [
+        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, answer_stores_promptly),
+    ]
     for service in offered if offered is not None else services():
         handlers.extend(service.handlers)
     return handlers

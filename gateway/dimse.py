@@ -1,0 +1,293 @@
+"""What the gateway writes on a DICOM connection itself, and how pynetdicom's threads wait.
+
+pynetdicom runs each association as two polling threads: the DUL thread reads the socket and
+sends what is queued for it, sleeping 1 ms whenever a turn found nothing to do; the association
+thread looks for a complete message every 1 ms. Every hand-over between them, and from the
+network, waited up to a millisecond, several times per instance, and each message went through
+pydicom to be encoded and through the DUL's queue and state machine to be sent, one primitive
+per PDU. For C-STORE, the gateway's busiest message, that cost more than storing the instance.
+
+So, on the same associations and with pynetdicom doing everything else (negotiation, reading,
+decoding, timeouts, release, abort):
+
+- :func:`install_prompt_waits`: the two threads' polling sleeps end early as soon as there is
+  something to do (the DUL thread waits for the socket to become readable, the association
+  thread for a message in its queue). A sleep never lasts longer than pynetdicom asked.
+- :func:`write_file_message`: a C-STORE request whose data set is a file's tail goes from disk
+  to the socket in P-DATA-TF PDUs built here, a block of them per system call
+  (:mod:`routing.scu`).
+- :func:`answer_stores_directly`: the C-STORE response of the storage SCP is encoded here and
+  written by the thread that handled the request.
+
+Either write happens only while the DUL has nothing queued, so messages keep their order, and
+fails like pynetdicom's own send does: the DUL is told the transport closed (PS3.8 9.2, Evt17).
+The encoders produce the bytes pynetdicom's would (tests compare them). pynetdicom is pinned in
+pyproject.toml; the tests run every DICOM exchange through these paths.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pynetdicom.association
+import pynetdicom.dul
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+
+# PS3.7 E.1-1, 9.3.1: command fields, and Command Data Set Type (0x0101: no data set).
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+DATA_SET_PRESENT = 0x0001
+NO_DATA_SET = 0x0101
+# PS3.8 9.3.5: a PDV item is its length (4 bytes), the context ID and the message control
+# header (1 byte each) and the fragment; a PDU's maximum length counts those 6 bytes.
+PDV_OVERHEAD = 6
+COMMAND_FRAGMENT, LAST_FRAGMENT = 0x01, 0x02
+# Fragment size when the peer sets no maximum; file data read and written this much at a time.
+UNLIMITED_FRAGMENT = 1 << 20
+WRITE_BLOCK = 1 << 20
+# pynetdicom's association reactor sleeps this long between looks at its message queue.
+REACTOR_DELAY = 0.001
+
+
+class ConnectionBroken(OSError):
+    """Writing to the peer failed part-way: the association cannot carry anything more."""
+
+
+# --- Encoding -----------------------------------------------------------------------------
+
+
+def _element(element: int, value: bytes, pad: bytes = b"\x00") -> bytes:
+    # Group 0000, Implicit VR Little Endian (PS3.7 6.3.1), values padded to even length.
+    value += pad * (len(value) % 2)
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def _command(*elements: bytes) -> bytes:
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str, priority: int) -> bytes:
+    """The encoded command set of a C-STORE request with a data set."""
+    return _command(
+        _element(0x0002, sop_class.encode("ascii")),
+        _element(0x0100, _us(C_STORE_RQ)),
+        _element(0x0110, _us(message_id)),
+        _element(0x0700, _us(priority)),
+        _element(0x0800, _us(DATA_SET_PRESENT)),
+        _element(0x1000, sop_instance.encode("ascii")),
+    )
+
+
+def c_store_rsp(message_id: int, sop_class: str, sop_instance: str, status: int,
+                error_comment: str = "") -> bytes:
+    """The encoded command set of a C-STORE response (Error Comment only when given)."""
+    return _command(
+        _element(0x0002, sop_class.encode("ascii")),
+        _element(0x0100, _us(C_STORE_RSP)),
+        _element(0x0120, _us(message_id)),
+        _element(0x0800, _us(NO_DATA_SET)),
+        _element(0x0900, _us(status)),
+        *([_element(0x0902, error_comment.encode("ascii"), b" ")] if error_comment else []),
+        _element(0x1000, sop_instance.encode("ascii")),
+    )
+
+
+def p_data_tf(context_id: int, data: memoryview, fragment: int, control: int,
+              ends: bool) -> list:
+    """The P-DATA-TF PDUs carrying ``data`` in fragments of at most ``fragment`` bytes, one
+    PDV each, as a list of byte strings to write in order. ``control``: COMMAND_FRAGMENT or 0;
+    ``ends``: the last fragment of ``data`` is the last of the command or data set."""
+    parts: list = []
+    for start in range(0, len(data), fragment):
+        chunk = data[start:start + fragment]
+        last = ends and start + fragment >= len(data)
+        header = control | (LAST_FRAGMENT if last else 0)
+        parts.append(struct.pack(">BBIIBB", 0x04, 0x00, len(chunk) + PDV_OVERHEAD,
+                                 len(chunk) + 2, context_id, header))
+        parts.append(chunk)
+    return parts
+
+
+def _fragment(max_pdu: int) -> int:
+    return (max_pdu - PDV_OVERHEAD) if max_pdu else UNLIMITED_FRAGMENT
+
+
+def _sendall(sock: socket.socket, parts: list) -> None:
+    try:
+        sock.sendall(b"".join(parts))
+    except OSError as exc:
+        raise ConnectionBroken(exc.strerror or str(exc)) from exc
+
+
+# --- Writing ------------------------------------------------------------------------------
+
+
+def write_file_message(sock: socket.socket, context_id: int, max_pdu: int, command: bytes,
+                       path: Path, offset: int) -> None:
+    """Write a DIMSE message: ``command``, then the data set that starts at ``offset`` in the
+    file ``path``, in P-DATA-TF PDUs of at most ``max_pdu`` bytes (0: no limit)."""
+    fragment = _fragment(max_pdu)
+    block = max(1, WRITE_BLOCK // fragment) * fragment
+    parts = p_data_tf(context_id, memoryview(command), fragment, COMMAND_FRAGMENT, True)
+    with open(path, "rb") as f:
+        remaining = os.fstat(f.fileno()).st_size - offset
+        f.seek(offset)
+        while True:
+            data = f.read(min(block, remaining))
+            if len(data) < min(block, remaining):
+                raise OSError(f"{path.name} became shorter while it was being sent")
+            remaining -= len(data)
+            parts += p_data_tf(context_id, memoryview(data), fragment, 0, remaining == 0)
+            _sendall(sock, parts)
+            parts = []
+            if remaining == 0:
+                return
+
+
+def _writable(assoc) -> socket.socket | None:
+    """The association's socket when the thread at hand may write to it: nothing is waiting
+    in the DUL's queue (it would go first) and the connection is there."""
+    if not assoc.dul.to_provider_queue.empty():
+        return None
+    return getattr(assoc.dul.socket, "socket", None)
+
+
+def _write_or_close(assoc, write) -> None:
+    try:
+        write()
+    except ConnectionBroken:
+        assoc.dul.event_queue.put("Evt17")  # the transport closed, as pynetdicom would say
+        raise
+
+
+def send_files_directly(assoc) -> None:
+    """Have ``assoc`` write a C-STORE request whose data set is a file's tail (pynetdicom's
+    chunked sending from a path) with :func:`write_file_message`; anything else goes through
+    pynetdicom. A failed write raises :class:`ConnectionBroken` to the sender."""
+    dimse = assoc.dimse
+    send_msg = dimse.send_msg
+
+    def send(primitive, context_id: int) -> None:
+        located = getattr(primitive, "_dataset_path", None)
+        sock = _writable(assoc)
+        if (type(primitive) is not C_STORE or located is None or sock is None
+                or primitive.MessageIDBeingRespondedTo is not None
+                or primitive.MoveOriginatorApplicationEntityTitle
+                or os.path.getsize(located[0]) <= located[1]):
+            send_msg(primitive, context_id)
+            return
+        command = c_store_rq(primitive.MessageID, str(primitive.AffectedSOPClassUID),
+                             str(primitive.AffectedSOPInstanceUID), primitive.Priority)
+        _write_or_close(assoc, lambda: write_file_message(
+            sock, context_id, dimse.maximum_pdu_size, command, Path(located[0]), located[1]))
+
+    dimse.send_msg = send
+
+
+def leave_responses_to_the_sender(assoc) -> None:
+    """On an association used only to send requests, the responses are for the thread that
+    sent them, never for the association's reactor thread.
+
+    pynetdicom pauses that thread around each request, but the pause can be stale: a request
+    sent right after the previous response finds the reactor still flagged as paused, and the
+    reactor, waking late, took the new response off the queue as if it were a request. The
+    sender then waited in vain until the peer dropped the association (Orthanc: 30 s). It
+    was rare while sending took long; once writing a request took a fraction of a
+    millisecond, it happened every few hundred instances."""
+    dimse = assoc.dimse
+    get_msg = dimse.get_msg
+
+    def get(block: bool = False):
+        if not block and threading.current_thread() is assoc:
+            return None, None
+        return get_msg(block=block)
+
+    dimse.get_msg = get
+
+
+def answer_stores_directly(assoc) -> None:
+    """Have ``assoc`` (an SCP's) write its C-STORE responses itself, encoded with
+    :func:`c_store_rsp`; responses with other status elements, and every other message, go
+    through pynetdicom. A failed write only closes the connection, as pynetdicom's would."""
+    dimse = assoc.dimse
+    send_msg = dimse.send_msg
+
+    def send(primitive, context_id: int) -> None:
+        sock = _writable(assoc)
+        comment = primitive.ErrorComment if type(primitive) is C_STORE else None
+        if (type(primitive) is not C_STORE or sock is None
+                or primitive.MessageIDBeingRespondedTo is None
+                or primitive.OffendingElement is not None
+                or not (comment or "").isascii()):
+            send_msg(primitive, context_id)
+            return
+        command = c_store_rsp(primitive.MessageIDBeingRespondedTo,
+                              str(primitive.AffectedSOPClassUID or ""),
+                              str(primitive.AffectedSOPInstanceUID or ""),
+                              primitive.Status, comment or "")
+        if dimse.maximum_pdu_size and len(command) > _fragment(dimse.maximum_pdu_size):
+            send_msg(primitive, context_id)
+            return
+        parts = p_data_tf(context_id, memoryview(command), len(command), COMMAND_FRAGMENT, True)
+        try:
+            _write_or_close(assoc, lambda: _sendall(sock, parts))
+        except ConnectionBroken:
+            pass
+
+    dimse.send_msg = send
+
+
+# --- Waiting ------------------------------------------------------------------------------
+
+
+class _PromptClock:
+    """Stands in for the ``time`` module inside pynetdicom's association and DUL modules:
+    everything is :mod:`time`'s, but the reactor threads' polling sleeps end as soon as there
+    is work."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        thread = threading.current_thread()
+        if isinstance(thread, DULServiceProvider):
+            sock = getattr(thread.socket, "socket", None)
+            if sock is not None:
+                try:
+                    select.select([sock], [], [], seconds)
+                    return
+                except (OSError, ValueError):  # closed meanwhile
+                    pass
+        elif isinstance(thread, Association) and seconds == REACTOR_DELAY:
+            messages = thread.dimse.msg_queue
+            with messages.not_empty:
+                if not messages.queue:
+                    messages.not_empty.wait(seconds)
+                if messages.queue:
+                    # A put wakes one waiter, and this one does not take the message: pass
+                    # the wake-up on, or a thread blocked in get_msg() (a sender waiting for
+                    # its response) sleeps on until its timeout with the message there.
+                    messages.not_empty.notify()
+            return
+        time.sleep(seconds)
+
+
+def install_prompt_waits() -> None:
+    """Make pynetdicom's reactor threads in this process wake as soon as there is work."""
+    clock = _PromptClock()
+    pynetdicom.association.time = clock
+    pynetdicom.dul.time = clock

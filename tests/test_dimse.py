@@ -1,0 +1,105 @@
+"""What the gateway writes on a DICOM connection itself is what pynetdicom would have written,
+and its prompter waits never keep a message from the thread that waits for it."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from io import BytesIO
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+
+from gateway import dimse
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"  # odd length: padded
+
+
+def pynetdicom_command(message_class, **fields) -> bytes:
+    primitive = C_STORE()
+    for name, value in fields.items():
+        setattr(primitive, name, value)
+    message = message_class()
+    message.primitive_to_message(primitive)
+    return encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("sop_class", [CT, ENHANCED_MR])
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45"])
+def test_a_c_store_request_is_encoded_as_pynetdicom_does(sop_class, sop_instance):
+    expected = pynetdicom_command(
+        C_STORE_RQ, MessageID=7, Priority=2, AffectedSOPClassUID=sop_class,
+        AffectedSOPInstanceUID=sop_instance, DataSet=BytesIO(b"\x00\x00"))
+
+    assert dimse.c_store_rq(7, sop_class, sop_instance, 2) == expected
+
+
+@pytest.mark.parametrize("status, comment", [
+    (0x0000, ""), (0xA700, "less than 500 MB free"), (0xC220, "odd"), (0xB007, ""),
+])
+def test_a_c_store_response_is_encoded_as_pynetdicom_does(status, comment):
+    fields = dict(MessageIDBeingRespondedTo=65535, AffectedSOPClassUID=ENHANCED_MR,
+                  AffectedSOPInstanceUID="1.2.3.45", Status=status)
+    if comment:
+        fields["ErrorComment"] = comment
+
+    assert (dimse.c_store_rsp(65535, ENHANCED_MR, "1.2.3.45", status, comment)
+            == pynetdicom_command(C_STORE_RSP, **fields))
+
+
+def test_pdus_never_exceed_the_fragment_and_only_the_last_is_marked_last():
+    data = memoryview(bytes(range(256)) * 40)  # 10,240 bytes
+
+    parts = dimse.p_data_tf(5, data, 4090, 0, True)
+
+    headers, chunks = parts[0::2], parts[1::2]
+    assert b"".join(chunks) == data.tobytes()
+    assert [len(c) for c in chunks] == [4090, 4090, 2060]
+    assert [h[-1] for h in headers] == [0x00, 0x00, dimse.LAST_FRAGMENT]
+    assert all(h[:2] == b"\x04\x00" and h[-2] == 5 for h in headers)
+    assert [int.from_bytes(h[2:6], "big") for h in headers] == [4096, 4096, 2066]
+
+
+class ReactorLike(Association):
+    """An association thread that only runs the reactor's polling sleep once, as pynetdicom's
+    reactor does while a sender waits for its response."""
+
+    def __init__(self):
+        super().__init__(AE(), "requestor")
+
+    def run(self):
+        dimse._PromptClock.sleep(dimse.REACTOR_DELAY)
+
+
+def waiting_on(messages: queue.Queue, count: int) -> None:
+    while len(messages.not_empty._waiters) < count:  # noqa: SLF001 - the test's only probe
+        time.sleep(0.001)
+
+
+def test_a_message_wakes_its_receiver_even_when_the_reactor_waited_first(monkeypatch):
+    # The reactor waits long enough for the receiver to queue behind it, and the message
+    # to come while both wait.
+    monkeypatch.setattr(dimse, "REACTOR_DELAY", 30.0)
+    reactor = ReactorLike()
+    messages = reactor.dimse.msg_queue
+    received: list = []
+    receiver = threading.Thread(target=lambda: received.append(messages.get(timeout=30)),
+                                daemon=True)
+
+    reactor.start()
+    waiting_on(messages, 1)
+    receiver.start()
+    waiting_on(messages, 2)
+    messages.put((1, "C-STORE-RSP"))
+    receiver.join(timeout=10)
+    reactor.join(timeout=10)
+
+    # A put wakes the first waiter only: the reactor, which does not take the message. Unless
+    # it passes the wake-up on, the receiver sleeps on with the message queued.
+    assert received == [(1, "C-STORE-RSP")]
