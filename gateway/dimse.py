@@ -33,6 +33,9 @@ import socket
 import struct
 import threading
 import time
+import weakref
+from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pynetdicom.association
@@ -135,26 +138,60 @@ def _sendall(sock: socket.socket, parts: list) -> None:
 # --- Writing ------------------------------------------------------------------------------
 
 
+def _write(sock: socket.socket, context_id: int, max_pdu: int, command: bytes,
+           blocks: Iterator[tuple[bytes, bool]]) -> None:
+    """Write ``command`` then the data set given as (block, is last) pairs, each block a
+    whole number of fragments but the last. Once anything has been written, any failure is a
+    :class:`ConnectionBroken`: the peer holds part of a message the association cannot finish."""
+    fragment = _fragment(max_pdu)
+    parts = p_data_tf(context_id, memoryview(command), fragment, COMMAND_FRAGMENT, True)
+    written = False
+    try:
+        for block, last in blocks:
+            parts += p_data_tf(context_id, memoryview(block), fragment, 0, last)
+            _sendall(sock, parts)
+            written, parts = True, []
+    except ConnectionBroken:
+        raise
+    except Exception as exc:
+        if written:
+            raise ConnectionBroken(f"stopped part-way through a message: {exc}") from exc
+        raise
+
+
+def _block_size(max_pdu: int) -> int:
+    fragment = _fragment(max_pdu)
+    return max(1, WRITE_BLOCK // fragment) * fragment
+
+
 def write_file_message(sock: socket.socket, context_id: int, max_pdu: int, command: bytes,
                        path: Path, offset: int) -> None:
     """Write a DIMSE message: ``command``, then the data set that starts at ``offset`` in the
     file ``path``, in P-DATA-TF PDUs of at most ``max_pdu`` bytes (0: no limit)."""
-    fragment = _fragment(max_pdu)
-    block = max(1, WRITE_BLOCK // fragment) * fragment
-    parts = p_data_tf(context_id, memoryview(command), fragment, COMMAND_FRAGMENT, True)
-    with open(path, "rb") as f:
-        remaining = os.fstat(f.fileno()).st_size - offset
-        f.seek(offset)
-        while True:
-            data = f.read(min(block, remaining))
-            if len(data) < min(block, remaining):
-                raise OSError(f"{path.name} became shorter while it was being sent")
-            remaining -= len(data)
-            parts += p_data_tf(context_id, memoryview(data), fragment, 0, remaining == 0)
-            _sendall(sock, parts)
-            parts = []
-            if remaining == 0:
-                return
+    block = _block_size(max_pdu)
+
+    def blocks() -> Iterator[tuple[bytes, bool]]:
+        with open(path, "rb") as f:
+            remaining = os.fstat(f.fileno()).st_size - offset
+            f.seek(offset)
+            while remaining > 0:
+                data = f.read(min(block, remaining))
+                if len(data) < min(block, remaining):
+                    raise OSError(f"{path.name} became shorter while it was being sent")
+                remaining -= len(data)
+                yield data, remaining == 0
+
+    _write(sock, context_id, max_pdu, command, blocks())
+
+
+def write_bytes_message(sock: socket.socket, context_id: int, max_pdu: int, command: bytes,
+                        data_set: bytes) -> None:
+    """Write a DIMSE message: ``command``, then the encoded ``data_set``."""
+    block = _block_size(max_pdu)
+    view = memoryview(data_set)
+    _write(sock, context_id, max_pdu, command, (
+        (view[start:start + block], start + block >= len(view))
+        for start in range(0, len(view), block)))
 
 
 def _writable(assoc) -> socket.socket | None:
@@ -169,32 +206,48 @@ def _write_or_close(assoc, write) -> None:
     try:
         write()
     except ConnectionBroken:
-        assoc.dul.event_queue.put("Evt17")  # the transport closed, as pynetdicom would say
+        # As pynetdicom does when its own send fails: close, which tells the DUL once (Evt17).
+        if assoc.dul.socket is not None:
+            assoc.dul.socket.close()
         raise
 
 
-def send_files_directly(assoc) -> None:
-    """Have ``assoc`` write a C-STORE request whose data set is a file's tail (pynetdicom's
-    chunked sending from a path) with :func:`write_file_message`; anything else goes through
-    pynetdicom. A failed write raises :class:`ConnectionBroken` to the sender."""
+def send_stores_directly(assoc) -> None:
+    """Have ``assoc`` write its C-STORE requests itself: the data set from a file's tail
+    (pynetdicom's chunked sending from a path) with :func:`write_file_message`, or as encoded
+    by pynetdicom with :func:`write_bytes_message`. Every C-STORE of the association goes this
+    way, so none of its PDUs can still be on their way through the DUL thread when the next
+    one is written; anything else goes through pynetdicom. A failed write raises
+    :class:`ConnectionBroken` to the sender, the connection closed."""
     dimse = assoc.dimse
     send_msg = dimse.send_msg
 
     def send(primitive, context_id: int) -> None:
         located = getattr(primitive, "_dataset_path", None)
+        encoded = primitive.DataSet.getvalue() if type(primitive) is C_STORE and isinstance(
+            primitive.DataSet, BytesIO) else None
         sock = _writable(assoc)
-        if (type(primitive) is not C_STORE or located is None or sock is None
+        if (type(primitive) is not C_STORE or sock is None
                 or primitive.MessageIDBeingRespondedTo is not None
                 or primitive.MoveOriginatorApplicationEntityTitle
-                or os.path.getsize(located[0]) <= located[1]):
+                or not (encoded or (located and os.path.getsize(located[0]) > located[1]))):
             send_msg(primitive, context_id)
             return
         command = c_store_rq(primitive.MessageID, str(primitive.AffectedSOPClassUID),
                              str(primitive.AffectedSOPInstanceUID), primitive.Priority)
-        _write_or_close(assoc, lambda: write_file_message(
-            sock, context_id, dimse.maximum_pdu_size, command, Path(located[0]), located[1]))
+        max_pdu = dimse.maximum_pdu_size
+        if encoded:
+            _write_or_close(assoc, lambda: write_bytes_message(
+                sock, context_id, max_pdu, command, encoded))
+        else:
+            _write_or_close(assoc, lambda: write_file_message(
+                sock, context_id, max_pdu, command, Path(located[0]), located[1]))
 
     dimse.send_msg = send
+
+
+# Requestor associations whose reactor thread leaves every message to the sender.
+_SENDERS_ONLY: weakref.WeakSet = weakref.WeakSet()
 
 
 def leave_responses_to_the_sender(assoc) -> None:
@@ -216,6 +269,7 @@ def leave_responses_to_the_sender(assoc) -> None:
         return get_msg(block=block)
 
     dimse.get_msg = get
+    _SENDERS_ONLY.add(assoc)
 
 
 def answer_stores_directly(assoc) -> None:
@@ -275,13 +329,17 @@ class _PromptClock:
         elif isinstance(thread, Association) and seconds == REACTOR_DELAY:
             messages = thread.dimse.msg_queue
             with messages.not_empty:
-                if not messages.queue:
+                queued = bool(messages.queue)
+                if not queued:
                     messages.not_empty.wait(seconds)
                 if messages.queue:
                     # A put wakes one waiter, and this one does not take the message: pass
                     # the wake-up on, or a thread blocked in get_msg() (a sender waiting for
                     # its response) sleeps on until its timeout with the message there.
                     messages.not_empty.notify()
+            if queued and thread in _SENDERS_ONLY:
+                # A message this reactor leaves to its sender must not make it spin.
+                time.sleep(seconds)
             return
         time.sleep(seconds)
 

@@ -241,6 +241,18 @@ def supersede(claims: list[Claimed], holder: str) -> list[Claimed]:
     return keep
 
 
+def _superseded_meanwhile(c: Claimed, holder: str) -> bool:
+    """Whether a delivery that could not be sent was of a version replaced since it was claimed
+    (the replacement removes the previous file once committed): then it is abandoned as
+    superseded, not counted as a failure."""
+    current = (ReceivedInstance.objects.filter(pk=c.delivery.instance_id)
+               .values_list("version", flat=True).first())
+    if current is None or current <= c.delivery.instance_version:
+        return False
+    c.delivery.instance.version = current
+    return not supersede([c], holder)
+
+
 # --- Sending -------------------------------------------------------------------------------
 
 
@@ -422,7 +434,7 @@ def _send_batch(
                 return None
             if result.stored:
                 stored.append(d.pk)
-            else:
+            elif not _superseded_meanwhile(c, run.holder):
                 _failed(run, c, result.error)
             last = index == len(batch) - 1
             if not last and (

@@ -24,7 +24,8 @@ Duplicates (the same SOP Instance UID received again), by ``GATEWAY_DUPLICATE_PO
     committed: a failure or a crash before leaves the previous version whole, row and file.
     The instance is routed again (deliveries are per version). Deliveries of the older
     version still waiting (PENDING/FAILED) are marked ABANDONED ("superseded"); one being
-    sent finishes (its file stays readable while open).
+    sent finishes (its file stays readable while open); one claimed but not yet sent finds
+    its file gone and is abandoned as superseded too.
 ``keep``
     The first copy stays, the peer gets Success, nothing is written or routed.
 ``reject``

@@ -19,14 +19,17 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage
 
+from gateway import dimse
 from routing import delivery, scu
-from routing.models import Delivery, DeliveryStatus, Node
+from routing.models import Delivery, DeliveryStatus, Node, ReceivedInstance
+from routing.storage import Origin, StorageConfig, store_instance
 from tests.fixtures_pacs import (
     UNCOMPRESSED_ONLY,
     free_port,
     make_delivery,
     make_instance,
     make_node,
+    write_copy,
 )
 
 pytestmark = pytest.mark.django_db
@@ -157,7 +160,11 @@ def small_pdu_pacs(max_pdu: int, on_data=None):
     return server, port, seen
 
 
-def test_no_pdu_is_longer_than_the_pacs_accepts(tmp_path):
+def test_no_pdu_is_longer_than_the_pacs_accepts(tmp_path, monkeypatch):
+    written = []
+    write = dimse.write_file_message
+    monkeypatch.setattr(dimse, "write_file_message",
+                        lambda *args: written.append(args[-2]) or write(*args))
     server, port, seen = small_pdu_pacs(4096)
     try:
         node = make_node(ae_title="SMALLPDU", port=port)
@@ -175,6 +182,8 @@ def test_no_pdu_is_longer_than_the_pacs_accepts(tmp_path):
     # PS3.8 9.3.5: the PDU length (the 6-byte header excluded) never exceeds the maximum.
     assert max(data_pdus) - 6 == 4096
     assert seen["message_ids"] == [1, 2]
+    # Written by the gateway's own PDU writer, not pynetdicom's (which keeps the limit too).
+    assert written == [Path(i.path) for i in instances]
     for instance in instances:
         assert (seen["data_sets"][instance.sop_instance_uid]
                 == dataset_bytes(Path(instance.path), tmp_path))
@@ -207,6 +216,30 @@ def test_a_pacs_that_drops_the_connection_mid_instance_gets_it_again_later(tmp_p
     assert failed.status == DeliveryStatus.FAILED
     assert failed.last_error.startswith("connection to PACS1 lost")
     assert (given_back.status, given_back.attempts) == (DeliveryStatus.PENDING, 0)
+
+
+def test_a_delivery_whose_instance_was_replaced_after_its_claim_is_superseded_not_failed(
+        tmp_path, orthanc):
+    node = make_node(orthanc)
+    config = StorageConfig(data_dir=tmp_path / "data", min_free_mb=0)
+    first = write_copy(tmp_path / "in", "CT_small.dcm", InstitutionName="First")
+    assert store_instance(first.read_bytes(), Origin("CT1"), config).ok
+    make_delivery(ReceivedInstance.objects.get(), node)
+    run = delivery.DeliveryRun()
+    batch = delivery.claim(node.pk, run.holder)
+    # Received again while the batch waits: the first version's file is removed on commit.
+    again = write_copy(tmp_path / "again", "CT_small.dcm", InstitutionName="Second",
+                       SOPInstanceUID=dcmread(first).SOPInstanceUID)
+    assert store_instance(again.read_bytes(), Origin("CT1"), config).ok
+
+    dest = scu.Destination(node.name, node.ae_title, node.host, node.port)
+    with scu.StoreAssociation(dest, "GATEWAY", scu.plan_contexts(delivery._pairs(batch))) as assoc:
+        delivery._send_batch(assoc, batch, node, run)
+
+    (row,) = rows(node)
+    assert (row.status, run.failed) == (DeliveryStatus.ABANDONED, 0)
+    assert row.last_error.startswith("superseded")
+    assert orthanc.instances() == {}
 
 
 @pytest.mark.parametrize(
