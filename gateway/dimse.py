@@ -13,9 +13,10 @@ decoding, timeouts, release, abort):
 - :func:`install_prompt_waits`: the two threads' polling sleeps end early as soon as there is
   something to do (the DUL thread waits for the socket to become readable, the association
   thread for a message in its queue). A sleep never lasts longer than pynetdicom asked.
-- :func:`write_file_message`: a C-STORE request whose data set is a file's tail goes from disk
-  to the socket in P-DATA-TF PDUs built here, a block of them per system call
-  (:mod:`routing.scu`).
+- :func:`send_stores_directly`: every C-STORE request of a sending association goes to the
+  socket in P-DATA-TF PDUs built here, a block of them per system call: a file's tail straight
+  from disk (:func:`write_file_message`), a data set pynetdicom encoded from memory
+  (:func:`write_bytes_message`) (:mod:`routing.scu`).
 - :func:`answer_stores_directly`: the C-STORE response of the storage SCP is encoded here and
   written by the thread that handled the request.
 

@@ -7,9 +7,9 @@ uncompressed encoding. A file without coercions whose syntax the node accepted i
 disk as it is, never decoded; everything else goes as a dataset built from the file.
 
 A C-STORE request is written to the socket in PDUs built by :mod:`gateway.dimse` (a file sent
-as it is straight from disk), not one pynetdicom primitive per PDU: to a PACS that
-takes 16 KB PDUs that halved the worker's CPU per instance and raised one association's rate
-to Orthanc from ~150 to ~200 images/s.
+as it is straight from disk), not one pynetdicom primitive per PDU. To a PACS that takes 16 KB
+PDUs, this halved the worker's CPU per instance and raised one association's rate to Orthanc
+from ~150 to ~200 images/s.
 """
 
 from __future__ import annotations
