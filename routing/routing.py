@@ -40,6 +40,7 @@ from pydicom.multival import MultiValue
 
 from gateway import sql
 
+from .header import ReceivedDataSet
 from .models import (
     Delivery,
     DeliveryStatus,
@@ -79,12 +80,21 @@ def facts_for(instance: ReceivedInstance) -> Facts:
     )
 
 
-def facts_from_dataset(header: dict, association: dict[str, str], ds: Dataset) -> Facts:
-    """The same facts as :func:`facts_for`, for an instance being stored: ``header`` as
-    :func:`routing.storage.header_as_json` made it, the association attributes as they are
-    recorded, and attributes the header left out taken from the parsed data set ``ds``
-    (the bytes the stored file will hold)."""
-    return Facts(header, association, fallback=lambda attribute: _element_value(ds, attribute))
+def facts_from_dataset(association: dict[str, str], parsed: ReceivedDataSet) -> Facts:
+    """The same facts as :func:`facts_for`, for an instance being stored: its header, the
+    association attributes as they are recorded, and attributes the header left out taken
+    from the received data set (the bytes the stored file will hold)."""
+
+    def from_data_set(attribute: Attribute):
+        if attribute.tag is None or not parsed.has(attribute.tag):
+            return None
+        try:
+            ds = parsed.dataset
+        except Exception:
+            return None
+        return _element_value(ds, attribute)
+
+    return Facts(parsed.header, association, fallback=from_data_set)
 
 
 def _element_value(ds: Dataset, attribute: Attribute):

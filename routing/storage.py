@@ -46,17 +46,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
-from io import BytesIO
 from pathlib import Path
 
 from django.db import connection, transaction
 from django.utils import timezone
-from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
 
 from gateway import sql
 
-from .header import header_as_json
+from .header import ReceivedDataSet
 from .models import Delivery, DeliveryStatus, ReceivedInstance, ReceivedStudy, RoutingStatus
 from .routing import (
     Decision,
@@ -171,27 +169,28 @@ def store_instance(encoded: bytes, origin: Origin, config: StorageConfig,
         # Written and fsynced meanwhile: parsing, deciding and recording wait for it last.
         written = _write_temp(config.incoming_dir, encoded)
         try:
-            ds = _parse(encoded)
-            uids = _uids(ds)
+            parsed = _parse(encoded)
+            uids = _uids(parsed)
         except StoreRefused:
             _discard_written(written)
             raise
-        return _store(encoded, ds, uids, origin, config, rules, written)
+        return _store(encoded, parsed, uids, origin, config, rules, written)
     except StoreRefused as refused:
         logger.warning("C-STORE from %s refused (0x%04X): %s",
                        origin.calling_ae, refused.status, refused.comment)
         return StoreResult(refused.status, refused.comment)
 
 
-def _parse(encoded: bytes) -> Dataset:
+def _parse(encoded: bytes) -> ReceivedDataSet:
     try:
-        # Element lengths are read eagerly, so a truncated or garbled encoding fails here;
-        # values are decoded lazily, one by one, in header_as_json.
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
+        # A truncated or garbled encoding fails here, whether scanned or read by pydicom;
+        # the header's values are decoded one by one, a broken one left out.
+        parsed = ReceivedDataSet(encoded)
+        parsed.header  # noqa: B018
+        return parsed
     except Exception as exc:
         raise StoreRefused(StoreStatus.CANNOT_PARSE,
                            f"data set cannot be parsed: {type(exc).__name__}") from None
-    return ds
 
 
 @dataclass(frozen=True)
@@ -203,9 +202,31 @@ class _Uids:
     transfer_syntax: str
 
 
-def _uids(ds: Dataset) -> _Uids:
-    meta = ds.file_meta
+# Where each UID is read from: the file meta, and the data set's own SOP UIDs that must agree.
+_UID_TAGS = {"sop_class": 0x00020002, "sop_instance": 0x00020003, "transfer_syntax": 0x00020010,
+             "study": 0x0020000D, "series": 0x0020000E}
+_DATA_SET_SOP_TAGS = (0x00080018, 0x00080016)
+
+
+def _uids(parsed: ReceivedDataSet) -> _Uids:
+    values = {name: parsed.plain_uid(tag) for name, tag in _UID_TAGS.items()}
+    in_data_set = tuple(parsed.plain_uid(tag) for tag in _DATA_SET_SOP_TAGS)
+    if None in values.values() or None in in_data_set:
+        values, in_data_set = _uids_from_dataset(parsed)
+    for name, value in values.items():
+        # UIDs become path components: anything but digits and dots is refused.
+        if not _UID.match(value) or len(value) > 64:
+            raise StoreRefused(StoreStatus.CANNOT_PARSE, f"missing or invalid {name} UID")
+    if in_data_set != (values["sop_instance"], values["sop_class"]):
+        raise StoreRefused(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                           "SOP Instance/Class UID in the data set differ from the request")
+    return _Uids(**values)
+
+
+def _uids_from_dataset(parsed: ReceivedDataSet) -> tuple[dict[str, str], tuple[str, str]]:
     try:
+        ds = parsed.dataset
+        meta = ds.file_meta
         values = {
             "sop_class": str(meta.MediaStorageSOPClassUID),
             "sop_instance": str(meta.MediaStorageSOPInstanceUID),
@@ -217,14 +238,7 @@ def _uids(ds: Dataset) -> _Uids:
     except Exception as exc:
         raise StoreRefused(StoreStatus.CANNOT_PARSE,
                            f"data set cannot be parsed: {type(exc).__name__}") from None
-    for name, value in values.items():
-        # UIDs become path components: anything but digits and dots is refused.
-        if not _UID.match(value) or len(value) > 64:
-            raise StoreRefused(StoreStatus.CANNOT_PARSE, f"missing or invalid {name} UID")
-    if in_data_set != (values["sop_instance"], values["sop_class"]):
-        raise StoreRefused(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                           "SOP Instance/Class UID in the data set differ from the request")
-    return _Uids(**values)
+    return values, in_data_set
 
 
 def _check_free_space(config: StorageConfig, size: int) -> None:
@@ -238,7 +252,8 @@ def _check_free_space(config: StorageConfig, size: int) -> None:
                            f"less than {config.min_free_mb} MB free for received instances")
 
 
-def _decide(rules: list | None, header: dict, origin: Origin, ds: Dataset) -> Decision | None:
+def _decide(rules: list | None, origin: Origin, parsed: ReceivedDataSet,
+            uids: _Uids) -> Decision | None:
     """The routing decision for a new instance, or None to route it after commit."""
     if rules is None:
         return None
@@ -246,14 +261,13 @@ def _decide(rules: list | None, header: dict, origin: Origin, ds: Dataset) -> De
                    "source_ip": origin.source_ip[:64]}
     try:
         # The study has just received this instance: it has been quiet for 0 seconds.
-        return decide(rules, facts_from_dataset(header, association, ds), 0.0)
+        return decide(rules, facts_from_dataset(association, parsed), 0.0)
     except Exception:
-        logger.exception("routing %s failed; it is routed after storing",
-                         ds.get("SOPInstanceUID", "?"))
+        logger.exception("routing %s failed; it is routed after storing", uids.sop_instance)
         return None
 
 
-def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
+def _store(encoded: bytes, parsed: ReceivedDataSet, uids: _Uids, origin: Origin,
            config: StorageConfig, rules: list | None, written: Future) -> StoreResult:
     """Keep the instance whose bytes ``written`` is writing, or remove them."""
     final = config.store_dir / uids.study / uids.series / f"{uids.sop_instance}.dcm"
@@ -270,8 +284,8 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
             if existing is not None and config.duplicate_policy == DuplicatePolicy.REJECT:
                 raise StoreRefused(StoreStatus.DUPLICATE_REJECTED,
                                    "SOP Instance UID already received")
-        header = header_as_json(ds)
-        decision = _decide(rules, header, origin, ds)
+        header = parsed.header
+        decision = _decide(rules, origin, parsed, uids)
         if connection.vendor == "sqlite":
             # Its transaction locks the whole database: other writers must not wait for the disk.
             _written(written)
@@ -283,11 +297,11 @@ def _store(encoded: bytes, ds: Dataset, uids: _Uids, origin: Origin,
             # the unique SOP Instance UID, is not inserted, and takes the locked path below.
             if connection.vendor == "postgresql":
                 instance_id, fields["study_id"], recorded = _insert_new(
-                    ds, uids, fields, decision, now)
+                    parsed, uids, fields, decision, now)
                 if instance_id is not None and not recorded:
                     decision = None
             else:
-                fields["study_id"] = _upsert_study(ds, header, uids.study, now)
+                fields["study_id"] = _upsert_study(parsed, uids.study, now)
                 if decision is not None and not can_record(decision):
                     decision = None
                 status = decision.status if decision is not None else RoutingStatus.PENDING
@@ -378,7 +392,7 @@ def _instance_fields(uids: _Uids, header: dict, origin: Origin, size: int, final
     }
 
 
-def _insert_new(ds: Dataset, uids: _Uids, fields: dict, decision: Decision | None,
+def _insert_new(parsed: ReceivedDataSet, uids: _Uids, fields: dict, decision: Decision | None,
                 now) -> tuple[int | None, int, bool]:
     """PostgreSQL, in the storing transaction: the study upsert (the instance's modality
     merged in SQL), the instance row and its deliveries (guarded by the locks of
@@ -392,7 +406,7 @@ def _insert_new(ds: Dataset, uids: _Uids, fields: dict, decision: Decision | Non
     row = {**fields, "sop_instance_uid": uids.sop_instance, "version": 1,
            "routing_status": status,
            "routed_at": None if status == RoutingStatus.PENDING else now}
-    params = _study_params(ds, fields["header"], uids.study, now)
+    params = _study_params(parsed, uids.study, now)
     locks = ""
     if deliveries:
         locks, lock_params = decision_locks(decision)
@@ -448,11 +462,11 @@ _STUDY_FIELDS = (
 )
 
 
-def _upsert_study(ds: Dataset, header: dict, study_uid: str, now) -> int:
+def _upsert_study(parsed: ReceivedDataSet, study_uid: str, now) -> int:
     """Create or update the study row (locking it until commit) in one statement; return
     its id. Fields the instance has a value for overwrite the study's; the instance's
     modality is added to the study's modalities."""
-    params = _study_params(ds, header, study_uid, now)
+    params = _study_params(parsed, study_uid, now)
     modality = params[len(_STUDY_FIELDS) + 1]
     upsert, merge = _study_sql()
     with sql.cursor() as cursor:
@@ -467,11 +481,11 @@ def _upsert_study(ds: Dataset, header: dict, study_uid: str, now) -> int:
     return study_id
 
 
-def _study_params(ds: Dataset, header: dict, study_uid: str, now) -> list:
-    """The parameters of :func:`_study_sql`'s upsert for the instance in ``ds``, whose
-    header (:func:`header_as_json`) has the values decoded already."""
-    values = [_text(ds, header, keyword)[:size] for _field, keyword, size in _STUDY_FIELDS]
-    modality = _text(ds, header, "Modality")
+def _study_params(parsed: ReceivedDataSet, study_uid: str, now) -> list:
+    """The parameters of :func:`_study_sql`'s upsert for the instance ``parsed``, whose
+    header has the values decoded already."""
+    values = [_text(parsed, keyword)[:size] for _field, keyword, size in _STUDY_FIELDS]
+    modality = _text(parsed, "Modality")
     stamp = connection.ops.adapt_datetimefield_value(now)
     return [study_uid, *values, modality if len(modality) <= 64 else "", stamp, stamp, None]
 
@@ -512,11 +526,15 @@ def _study_sql(merge_in_sql: bool = False) -> tuple[str, str]:
     return upsert, merge
 
 
-def _text(ds: Dataset, header: dict, keyword: str) -> str:
-    if isinstance(header.get(keyword), str):
-        return header[keyword]
+def _text(parsed: ReceivedDataSet, keyword: str) -> str:
+    value = parsed.header.get(keyword)
+    if isinstance(value, str):
+        return value
+    # Not a single short value: absent, multi-valued, or over the header's size limit.
     try:
-        value = ds.get(keyword)
+        if not parsed.has(tag_for_keyword(keyword)):
+            return ""
+        value = parsed.dataset.get(keyword)
     except Exception:
         return ""
     return "" if value is None else str(value).replace("\x00", "").strip()

@@ -14,7 +14,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from routing.header import header_as_json
+from routing.header import ReceivedDataSet, header_as_json
 
 # Explicit VR elements with a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"}
@@ -40,13 +40,17 @@ def _read(elements: list[tuple[int, str, bytes]]) -> bytes:
 
 
 def _both(encoded: bytes) -> tuple[dict, dict]:
-    """The header decoded directly and by pydicom alone, each from a fresh read."""
+    """The header as storing reads it (scanned where the encoding is plain, values decoded
+    directly) and by pydicom alone, each from a fresh read; and decoded directly from
+    pydicom's read, which must agree with both."""
+    scanned = ReceivedDataSet(encoded).header
     direct = header_as_json(dcmread(BytesIO(encoded), stop_before_pixels=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the invalid values on purpose
         reference = header_as_json(dcmread(BytesIO(encoded), stop_before_pixels=True),
                                    decode_directly=False)
-    return direct, reference
+    assert direct == reference
+    return scanned, reference
 
 
 @pytest.mark.filterwarnings("ignore:The value length")
@@ -102,6 +106,11 @@ def test_values_as_received_read_as_pydicom_reads_them():
         (0x00281052, "DS", b""),
         (0x00281053, "DS", b"1\\\\2 "),
         (0x00283002, "SS", struct.pack("<3h", -32768, 0, 16)),  # LUT Descriptor
+        (0x00280009, "AT", struct.pack("<2H", 0x0018, 0x1063)),
+        (0x00209165, "AT", struct.pack("<4H", 0x0020, 0x9056, 0x0020, 0x9057)),
+        (0x00280100, "US", b""),
+        (0x00180050, "DS", b""),
+        (0x00081050, "PN", b""),
         (0x00400254, "LO", b"x" * 1100),
     ])
 
@@ -121,7 +130,81 @@ def test_values_as_received_read_as_pydicom_reads_them():
     assert direct["LUTDescriptor"] == ["32768", "0", "16"]
     assert direct["TotalCollimationWidth"] == "0.10000000149011612"
     assert direct["RescaleIntercept"] == "" and direct["BodyPartExamined"] == ""
+    assert direct["FrameIncrementPointer"] == "(0018,1063)"
+    assert direct["DimensionIndexPointer"] == ["(0020,9056)", "(0020,9057)"]
+    assert direct["BitsAllocated"] == direct["SliceThickness"] == ""
+    assert direct["PerformingPhysicianName"] == ""
     assert "PerformedProcedureStepDescription" not in direct  # over 1 KB
+
+
+def _undefined_sequence(tag: int, *items: bytes, defined_items: bool = False) -> bytes:
+    """An explicit VR sequence of undefined length holding these encoded item data sets."""
+    group, element = tag >> 16, tag & 0xFFFF
+    out = struct.pack("<HH2sHI", group, element, b"SQ", 0, 0xFFFFFFFF)
+    for item in items:
+        if defined_items:
+            out += struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+        else:
+            out += struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + item
+            out += struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    return out + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def _with_raw(elements: list[tuple[int, str, bytes]], raw: bytes, after: list) -> bytes:
+    """:func:`_read` of ``elements``, then ``raw`` bytes, then ``after`` elements."""
+    return _read(elements) + raw + b"".join(_element(*e) for e in after)
+
+
+def test_sequences_of_undefined_length_are_walked_to_the_elements_after_them():
+    inner = _element(0x00080100, "SH", b"T-1") + _element(0x00080102, "SH", b"SRT ")
+    nested = _element(0x00081150, "UI", b"1.2.840.10008.5.1.4.1.1.2\x00")
+    items = [inner + _undefined_sequence(0x00081199, nested, nested), inner]
+    encoded = _with_raw(
+        [(0x00080005, "CS", b"ISO_IR 192"), (0x00080060, "CS", b"CT")],
+        _undefined_sequence(0x00082218, *items)
+        + _undefined_sequence(0x00082220, inner, defined_items=True),
+        [(0x00100010, "PN", b"Doe^Jane"), (0x00280009, "AT", struct.pack("<2H", 0x18, 0x1063)),
+         (0x00209165, "AT", struct.pack("<4H", 0x20, 0x9056, 0x20, 0x9057)),
+         (0x00280100, "US", b""), (0x00180050, "DS", b""), (0x7FE00010, "OW", b"\0\0")],
+    )
+
+    scanned, reference = _both(encoded)
+
+    assert ReceivedDataSet(encoded).scanned
+    assert scanned == reference == {
+        "SpecificCharacterSet": "ISO_IR 192",
+        "Modality": "CT",
+        "PatientName": "Doe^Jane",
+        "FrameIncrementPointer": "(0018,1063)",
+        "DimensionIndexPointer": ["(0020,9056)", "(0020,9057)"],
+        "SliceThickness": "",
+        "BitsAllocated": "",
+    }
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(_element(0x00100010, "ZZ", b"Doe"), id="unknown VR"),
+    pytest.param(struct.pack("<HH2sHI", 0x0010, 0x0010, b"UN", 0, 0xFFFFFFFF)
+                 + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), id="UN of undefined length"),
+    pytest.param(_undefined_sequence(0x00082218, _element(0x00080100, "SH", b"T-1"),
+                                     defined_items=True)[:-8], id="sequence without its end"),
+    pytest.param(struct.pack("<HHI", 0x0010, 0x0010, 4) + b"Doe ", id="implicit VR"),
+    pytest.param(struct.pack("<HHI", 0xFFFE, 0xE00D, 0), id="delimiter at the top level"),
+    pytest.param(_element(0x00100010, "PN", b"Doe^John")[:-3], id="value past the end"),
+])
+def test_an_encoding_that_is_not_plain_is_read_by_pydicom(raw):
+    encoded = _with_raw([(0x00080060, "CS", b"MR")], raw, [])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            read = ReceivedDataSet(encoded)
+        except Exception as exc:  # noqa: BLE001 - then pydicom must refuse it as well
+            with pytest.raises(type(exc)):
+                dcmread(BytesIO(encoded), stop_before_pixels=True)
+            return
+    assert not read.scanned
+    assert _both(encoded)[0] == _both(encoded)[1]
 
 
 def test_an_element_of_the_wrong_length_is_left_out_either_way():
@@ -135,7 +218,7 @@ def test_an_element_of_the_wrong_length_is_left_out_either_way():
 def test_every_pydicom_sample_reads_the_same_directly_as_through_pydicom():
     """pydicom's own samples (those installed with it; nothing is downloaded): every transfer
     syntax, character set, private and odd element they hold."""
-    differences, compared = [], 0
+    differences, compared, scanned = [], 0, 0
     samples = Path(pydicom.data.__file__).parent
     paths = sorted([*samples.glob("test_files/**/*.dcm"), *samples.glob("charset_files/*.dcm")])
     for path in paths:
@@ -144,6 +227,7 @@ def test_every_pydicom_sample_reads_the_same_directly_as_through_pydicom():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 direct, reference = _both(encoded)
+                scanned += ReceivedDataSet(encoded).scanned
         except Exception:  # noqa: BLE001 - a sample pydicom itself cannot read
             continue
         compared += 1
@@ -153,4 +237,5 @@ def test_every_pydicom_sample_reads_the_same_directly_as_through_pydicom():
             differences.append((path.name, keys[:5]))
 
     assert compared > 80
+    assert scanned > 60  # the explicit VR little endian ones
     assert differences == []
