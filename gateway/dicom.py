@@ -19,7 +19,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway.dimse import answer_stores_directly, install_prompt_waits
+from gateway.dimse import answer_stores_directly, install_prompt_waits, read_in_large_blocks
 from routing.dicom_handlers import (
     STORAGE_TRANSFER_SYNTAXES,
     storage_handlers,
@@ -70,8 +70,9 @@ def set_tcp_nodelay(event) -> None:
 
 
 def answer_stores_promptly(event) -> None:
-    """EVT_CONN_OPEN: C-STORE responses are written by the thread that stored the instance
-    (see :mod:`gateway.dimse`)."""
+    """EVT_CONN_OPEN: PDUs are read in large blocks, and C-STORE responses are written by the
+    thread that stored the instance (see :mod:`gateway.dimse`)."""
+    read_in_large_blocks(event.assoc)
     answer_stores_directly(event.assoc)
 
 

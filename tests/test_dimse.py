@@ -1,12 +1,16 @@
 """What the gateway writes on a DICOM connection itself is what pynetdicom would have written,
-and its prompter waits never keep a message from the thread that waits for it."""
+what it reads is what pynetdicom would have read, and its prompter waits never keep a message
+from the thread that waits for it."""
 
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
+import tracemalloc
 from io import BytesIO
+from types import SimpleNamespace
 
 import pytest
 from pynetdicom import AE
@@ -14,6 +18,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.transport import AssociationSocket
 
 from gateway import dimse
 
@@ -103,3 +108,64 @@ def test_a_message_wakes_its_receiver_even_when_the_reactor_waited_first(monkeyp
     # A put wakes the first waiter only: the reactor, which does not take the message. Unless
     # it passes the wake-up on, the receiver sleeps on with the message queued.
     assert received == [(1, "C-STORE-RSP")]
+
+
+# --- Reading ---------------------------------------------------------------------------------
+
+
+def _pynetdicom_recv(sock: socket.socket, size: int) -> bytearray:
+    """What pynetdicom's own AssociationSocket.recv returns for the same socket."""
+    return AssociationSocket.recv(SimpleNamespace(socket=sock), size)
+
+
+def _sent_in_pieces(data: bytes, piece: int, close: bool) -> socket.socket:
+    """The reading end of a connection whose peer writes ``data`` a piece at a time."""
+    reader, writer = socket.socketpair()
+
+    def write():
+        for start in range(0, len(data), piece):
+            writer.sendall(data[start:start + piece])
+            time.sleep(0)
+        if close:
+            writer.close()
+
+    threading.Thread(target=write, daemon=True).start()
+    return reader
+
+
+@pytest.mark.parametrize("read", [dimse.read_exactly, _pynetdicom_recv])
+def test_a_pdu_arriving_in_pieces_is_read_whole(read):
+    data = bytes(range(256)) * (3 * 4096 + 7)  # over three read blocks, and an odd tail
+    reader = _sent_in_pieces(data, 7000, close=False)
+
+    assert read(reader, len(data)) == data
+
+
+@pytest.mark.parametrize("read", [dimse.read_exactly, _pynetdicom_recv])
+def test_a_connection_closed_part_way_gives_what_arrived(read):
+    reader = _sent_in_pieces(b"0123456789", 3, close=True)
+
+    assert read(reader, 100) == bytearray(b"0123456789")
+
+
+def test_a_huge_announced_length_allocates_no_more_than_arrives():
+    reader = _sent_in_pieces(b"hello", 5, close=True)
+
+    tracemalloc.start()
+    try:
+        got = dimse.read_exactly(reader, 0xFFFFFFFF)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert got == bytearray(b"hello")
+    assert peak < 4 * dimse.READ_BLOCK
+
+
+@pytest.mark.parametrize("read", [dimse.read_exactly, _pynetdicom_recv])
+def test_a_silent_peer_times_out_the_read(read):
+    reader, _writer = socket.socketpair()
+    reader.settimeout(0.05)
+
+    with pytest.raises(TimeoutError):
+        read(reader, 10)
