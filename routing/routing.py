@@ -26,6 +26,7 @@ replaced instance, the sweeps, per-study rules once the study is quiet).
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import time
@@ -314,8 +315,63 @@ QUEUED_MARK_SECONDS = 60
 # for a while.
 _MARK_TIMEOUT = 0.2
 _MARK_PAUSE_SECONDS = 10.0
-_mark_clients: dict[str, object] = {}
 _marks_paused_until = 0.0
+
+
+class _Marks:
+    """The broker's Redis, for marks only: connections made with redis-py's settings for the
+    URL (database, password, TLS, the timeouts above) and used directly, one per caller at a
+    time, with each node's two commands packed once. A C-STORE pays ~30 us of CPU for its
+    mark instead of ~100 us through redis-py's client (pool, retries, argument encoding)."""
+
+    def __init__(self, url: str):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        pool = redis.Redis.from_url(
+            url, socket_timeout=_MARK_TIMEOUT, socket_connect_timeout=_MARK_TIMEOUT,
+            retry=Retry(NoBackoff(), 0)).connection_pool
+        self._connect = lambda: pool.connection_class(**pool.connection_kwargs)
+        self._broken = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._idle: collections.deque = collections.deque()
+        self._packed: dict[tuple[int, bool], list] = {}
+
+    def command(self, node_id: int, set_it: bool):
+        """SET the node's mark if absent (replies whether it was), or DEL it."""
+        try:
+            connection = self._idle.pop()
+        except IndexError:
+            connection = self._connect()
+        else:
+            # As redis-py's pool does: an idle connection with something to read has been
+            # closed by the server (a restart); it reconnects on its next command.
+            try:
+                closed = connection.can_read()
+            except self._broken:
+                closed = True
+            if closed:
+                connection.disconnect()
+        try:
+            packed = self._packed.get((node_id, set_it))
+            if packed is None:
+                key = f"gateway:delivery-queued:{node_id}"
+                args = (("SET", key, "1", "NX", "EX", QUEUED_MARK_SECONDS) if set_it
+                        else ("DEL", key))
+                packed = self._packed[(node_id, set_it)] = connection.pack_command(*args)
+            connection.send_packed_command(packed, check_health=False)
+            reply = connection.read_response()
+        except BaseException:
+            # Redis restarted or went away: the idle connections are as stale as this one.
+            for stale in [connection, *self._idle]:
+                stale.disconnect()
+            self._idle.clear()
+            raise
+        self._idle.append(connection)
+        return reply
+
+
+_marks: dict[str, _Marks] = {}
 
 
 def queued_mark(node_id: int, set_it: bool) -> bool:
@@ -327,20 +383,13 @@ def queued_mark(node_id: int, set_it: bool) -> bool:
     url = str(app.conf.broker_url or "")
     if not url.startswith(("redis://", "rediss://")) or time.monotonic() < _marks_paused_until:
         return True
-    key = f"gateway:delivery-queued:{node_id}"
     try:
-        client = _mark_clients.get(url)
-        if client is None:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            client = _mark_clients[url] = redis.Redis.from_url(
-                url, socket_timeout=_MARK_TIMEOUT, socket_connect_timeout=_MARK_TIMEOUT,
-                retry=Retry(NoBackoff(), 0))
+        marks = _marks.get(url)
+        if marks is None:
+            marks = _marks[url] = _Marks(url)
+        reply = marks.command(node_id, set_it)
         if set_it:
-            return bool(client.set(key, "1", nx=True, ex=QUEUED_MARK_SECONDS))
-        client.delete(key)
+            return reply is not None
     except Exception as exc:  # noqa: BLE001 - the mark only saves work; enqueue without it
         _marks_paused_until = time.monotonic() + _MARK_PAUSE_SECONDS
         logger.info("delivery marks paused for %.0f s: %s", _MARK_PAUSE_SECONDS, exc)
