@@ -411,3 +411,14 @@ class TestQueuedMark:
         run = delivery.deliver_to_node(node.pk)
         assert run.failed == delivery.BATCH_SIZE
         assert celery_broker.queued() == 2  # a task for the three it never claimed
+
+    def test_marks_go_on_after_redis_restarts(self, node, celery_broker):
+        enqueue_nodes([node.pk])
+        celery_broker.restart()  # empty, and every connection made before is closed
+
+        enqueue_nodes([node.pk])
+        enqueue_nodes([node.pk])
+
+        # One task and one mark again: marks were not paused, as for a Redis that fails.
+        assert celery_broker.queued() == 1
+        assert celery_broker.client().exists(f"gateway:delivery-queued:{node.pk}")
