@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -44,9 +45,11 @@ from pathlib import Path
 
 import pynetdicom.association
 import pynetdicom.dul
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 
 # PS3.7 E.1-1, 9.3.1: command fields, and Command Data Set Type (0x0101: no data set).
 C_STORE_RQ = 0x0001
@@ -340,8 +343,10 @@ def read_exactly(sock: socket.socket, size: int) -> bytearray:
 
 
 def read_in_large_blocks(assoc) -> None:
-    """Have ``assoc``'s DUL thread read PDUs with :func:`read_exactly`."""
-    transport = assoc.dul.socket
+    """Have ``assoc``'s DUL thread read PDUs with :func:`read_exactly`, and hand the data of a
+    P-DATA-TF PDU straight to DIMSE (:func:`_read_data_directly`)."""
+    dul = assoc.dul
+    transport = dul.socket
     if transport is None:
         return
 
@@ -349,6 +354,77 @@ def read_in_large_blocks(assoc) -> None:
         return read_exactly(transport.socket, size)
 
     transport.recv = recv
+    read_pdu = dul._read_pdu_data
+
+    def read() -> None:
+        if not _read_data_directly(assoc):
+            read_pdu()
+
+    dul._read_pdu_data = read
+
+
+P_DATA_TF_TYPE = 0x04
+_PDU_HEADER = struct.Struct(">BxL")
+_PDV_LENGTH = struct.Struct(">L")
+# Events whose handlers expect the PDU to go through pynetdicom's decoder and state machine.
+_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+
+
+def _read_data_directly(assoc) -> bool:
+    """Read the next PDU and hand its presentation data values to DIMSE as the state machine
+    would (Sta6 + Evt10, action DT-2: a P-DATA indication), when it is a P-DATA-TF PDU in
+    data transfer with nothing queued before it; False, having read nothing, otherwise.
+
+    pynetdicom would copy each PDU three times on its way (into the buffer, to bytes, each
+    value out of it) and build its PDU objects; here DIMSE gets views of the PDU as read. A
+    PDU that ends early is Evt17 and an unreadable one Evt19, as in pynetdicom."""
+    dul = assoc.dul
+    sock = getattr(dul.socket, "socket", None)
+    if (sock is None or isinstance(sock, ssl.SSLSocket)
+            or dul.state_machine.current_state != "Sta6"
+            or dul.event_queue.queue or dul._recv_pdu.queue
+            or any(assoc.get_handlers(event) for event in _PDU_EVENTS)):
+        return False
+    try:
+        header = sock.recv(_PDU_HEADER.size, socket.MSG_PEEK)
+    except OSError:
+        return False
+    if len(header) < _PDU_HEADER.size or header[0] != P_DATA_TF_TYPE:
+        return False
+    length = _PDU_HEADER.unpack(header)[1]
+    try:
+        read_exactly(sock, _PDU_HEADER.size)
+        body = read_exactly(sock, length)
+    except OSError:
+        body = None
+    if body is None or len(body) < length:
+        dul.event_queue.put("Evt17")  # transport closed
+        return True
+    values = _presentation_data_values(body)
+    if values is None:
+        dul.event_queue.put("Evt19")  # invalid PDU
+        return True
+    primitive = P_DATA()
+    primitive._presentation_data_value_list = values  # views: the setter wants bytes
+    assoc.dimse.receive_primitive(primitive)
+    return True
+
+
+def _presentation_data_values(body: bytearray) -> list | None:
+    """(context ID, message control header + fragment) of each PDV item of a P-DATA-TF PDU's
+    body (PS3.8 9.3.5), as views of it; None if the items do not fill it exactly."""
+    view = memoryview(body)
+    values = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < PDV_OVERHEAD:
+            return None
+        length = _PDV_LENGTH.unpack_from(view, offset)[0]
+        if length < 2 or offset + 4 + length > end:
+            return None
+        values.append((view[offset + 4], view[offset + 5:offset + 4 + length]))
+        offset += 4 + length
+    return values
 
 
 # --- Waiting ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ where DCMTK cannot send what we need) against the gateway AE on 127.0.0.1."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -383,3 +384,90 @@ def test_it_records_a_storage_association_it_had_to_reject(start_storage_server,
         result=AssociationResult.REJECTED).first())
     assert (rejected.calling_ae, rejected.instances) == ("CT9", 0)
     assert not ReceivedInstance.objects.exists()
+
+
+def test_an_instance_sent_in_the_smallest_pdus_is_stored_whole(storage_server, tmp_path):
+    path = sample_file("explicit", tmp_path)
+
+    result = storescu(storage_server.port, path, extra=["--max-send-pdu", "4096"])
+
+    assert result.statuses == ["0x0000"], result.output
+    stored = dcmread(ReceivedInstance.objects.get().path)
+    original = dcmread(path)
+    assert len(original.PixelData) > 4096 * 4  # sent in several PDUs
+
+    def elements(ds):  # storescu leaves out group lengths and trailing padding
+        return [e for e in ds if e.tag.element and e.tag.group != 0xFFFC]
+
+    assert elements(stored) == elements(original)
+
+
+def _established(port: int, path: Path):
+    """A pynetdicom association to the gateway with a context for ``path``'s SOP class and
+    transfer syntax, and that context's ID."""
+    from pynetdicom.dsutils import split_dataset
+
+    from gateway.dimse import leave_responses_to_the_sender
+
+    meta, _ = split_dataset(path)
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="GATEWAY")
+    assert assoc.is_established
+    leave_responses_to_the_sender(assoc)  # the test thread reads the response, not the reactor
+    return assoc, assoc.accepted_contexts[0].context_id, meta
+
+
+def _pdv(context_id: int, control: int, fragment: bytes) -> bytes:
+    return struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
+
+
+def _p_data_tf(*items: bytes) -> bytes:
+    body = b"".join(items)
+    return struct.pack(">BxL", 0x04, len(body)) + body
+
+
+def test_a_command_and_its_data_set_in_one_pdu_are_stored(storage_server, tmp_path):
+    from gateway.dimse import c_store_rq  # the request pynetdicom would send
+
+    path = sample_file("explicit", tmp_path)
+    assoc, context_id, meta = _established(storage_server.port, path)
+    command = c_store_rq(7, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, 0)
+    data = dataset_bytes(path)
+    half = len(data) // 2
+
+    assoc.dul.socket.socket.sendall(_p_data_tf(
+        _pdv(context_id, 0x03, command), _pdv(context_id, 0x00, data[:half]),
+        _pdv(context_id, 0x02, data[half:])))
+    _, response = assoc.dimse.get_msg(block=True)  # DIMSE timeout: 30 s
+    assoc.release()
+
+    assert (response.MessageIDBeingRespondedTo, response.Status) == (7, 0x0000)
+    stored = Path(ReceivedInstance.objects.get().path).read_bytes()
+    assert stored.endswith(data)
+
+
+@pytest.mark.parametrize("broken", [
+    # A PDV item announcing more than its PDU holds.
+    _p_data_tf(struct.pack(">LBB", 5000, 1, 0x03) + b"\x00" * 10),
+    # A PDU announcing 1 MB, then the connection ends.
+    struct.pack(">BxL", 0x04, 1 << 20) + b"\x00" * 100,
+], ids=["pdv-past-its-pdu", "pdu-cut-off"])
+def test_a_broken_pdu_within_an_association_ends_only_that_association(
+    storage_server, tmp_path, broken
+):
+    path = sample_file("explicit", tmp_path)
+    assoc, _context_id, _meta = _established(storage_server.port, path)
+    sock = assoc.dul.socket.socket
+
+    sock.sendall(broken)
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + 10
+    while not (assoc.is_aborted or not assoc.is_alive()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    assert assoc.is_aborted or not assoc.is_alive()
+    result = storescu(storage_server.port, path)
+    assert result.statuses == ["0x0000"], result.output
+    assert wait_for(lambda: DicomAssociation.objects.filter(
+        result=AssociationResult.ABORTED).exists())
