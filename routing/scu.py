@@ -31,6 +31,7 @@ from gateway.dimse import (
     ConnectionBroken,
     install_prompt_waits,
     leave_responses_to_the_sender,
+    read_in_large_blocks,
     send_stores_directly,
 )
 
@@ -156,6 +157,7 @@ def _associate(dest: Destination, calling_ae: str, contexts: list,
     def on_open(event) -> None:
         opened.append(True)
         set_tcp_nodelay(event)
+        read_in_large_blocks(event.assoc)
 
     assoc = ae.associate(
         dest.host,
