@@ -6,9 +6,10 @@ VR little endian, the data set of every uncompressed and compressed transfer syn
 the elements before Pixel Data are found by walking their tags and lengths
 (:func:`scan_part10`) and pydicom reads nothing: on a CT instance that walk costs a tenth of
 ``dcmread`` and of the lookups that follow it. Anything else (implicit VR, big endian,
-deflate, undefined lengths outside sequences, an unknown VR, a length past the end...) is read
-by pydicom as before, so the two ways agree on every instance either can read; the tests
-compare them over pydicom's own sample files.
+deflate, undefined lengths outside sequences, an unknown VR, a length past the end, deep or
+odd sequences...) is read by pydicom as before, so the two ways keep and refuse the same
+instances and read the same values; the tests compare them over pydicom's own sample files
+and over broken encodings.
 
 pydicom decodes a value through hooks, validation and value classes; for the ~100 short
 elements of a CT or MR header that cost more CPU than the rest of storing the instance. The
@@ -259,6 +260,9 @@ def _scan(data: bytes) -> Scan | None:
         group, elem, vr, length = _ELEMENT.unpack_from(data, pos)
         tag = group << 16 | elem
         if tag in _PIXEL_TAGS:
+            # pydicom reads the element's whole header before it stops there.
+            if vr in _LONG_VRS and end - pos < 12 or vr not in _LONG_VRS | _SHORT_VRS:
+                return None
             break
         # Command or file meta elements in the data set, or a delimiter at its top level:
         # pydicom has rules of its own for those.
@@ -290,9 +294,16 @@ def _scan(data: bytes) -> Scan | None:
     return Scan(meta, elements)
 
 
-def _skip_sequence(data: bytes, pos: int, end: int) -> int | None:
+# Sequences nested deeper than this are left to pydicom (which gives up on a few hundred
+# levels): the walk must not accept what pydicom refuses.
+MAX_NESTING = 16
+
+
+def _skip_sequence(data: bytes, pos: int, end: int, depth: int = 1) -> int | None:
     """The position after an undefined-length sequence's delimiter, its items walked element
     by element as pydicom parses them; None if anything in it is not plain."""
+    if depth > MAX_NESTING:
+        return None
     while True:
         if end - pos < 8:
             return None
@@ -304,17 +315,17 @@ def _skip_sequence(data: bytes, pos: int, end: int) -> int | None:
         if tag != _ITEM_TAG:
             return None
         if length == _UNDEFINED:
-            pos = _skip_item(data, pos, end, undefined=True)
+            pos = _skip_item(data, pos, end, True, depth)
         else:
             item_end = pos + length
-            if item_end > end or _skip_item(data, pos, item_end, undefined=False) != item_end:
+            if item_end > end or _skip_item(data, pos, item_end, False, depth) != item_end:
                 return None
             pos = item_end
         if pos is None:
             return None
 
 
-def _skip_item(data: bytes, pos: int, end: int, undefined: bool) -> int | None:
+def _skip_item(data: bytes, pos: int, end: int, undefined: bool, depth: int) -> int | None:
     """The end of an item's data set (after its delimiter when ``undefined``)."""
     while True:
         if not undefined and pos == end:
@@ -323,9 +334,13 @@ def _skip_item(data: bytes, pos: int, end: int, undefined: bool) -> int | None:
             return None
         group, elem, vr, length = _ELEMENT.unpack_from(data, pos)
         if group == 0xFFFE:
-            if undefined and (group << 16 | elem) == _ITEM_END:
+            # A delimiter's length is zero; pydicom reads other bytes there as a VR.
+            if undefined and (group << 16 | elem) == _ITEM_END and data[pos + 4:pos + 8] == (
+                    b"\0\0\0\0"):
                 return pos + 8
             return None
+        if group == 0x0008 and elem == 0x0005:
+            return None  # pydicom decodes an item's character set as it reads it
         name = _SHORT_VRS.get(vr)
         start = pos + 8
         if name is None:
@@ -337,7 +352,7 @@ def _skip_item(data: bytes, pos: int, end: int, undefined: bool) -> int | None:
         if length == _UNDEFINED:
             if name != "SQ":
                 return None
-            pos = _skip_sequence(data, start, end)
+            pos = _skip_sequence(data, start, end, depth + 1)
             if pos is None:
                 return None
         else:
@@ -356,7 +371,8 @@ class ReceivedDataSet:
 
     def __init__(self, encoded: bytes):
         self.encoded = encoded
-        self._scan = scan_part10(encoded)
+        # pydicom configured away from its defaults reads as it is told: let it.
+        self._scan = scan_part10(encoded) if _pydicom_defaults() else None
         if self._scan is None:
             self.dataset  # noqa: B018 - read now: this is where an unreadable encoding fails
 
@@ -391,7 +407,7 @@ class ReceivedDataSet:
     @cached_property
     def header(self) -> dict:
         """:func:`header_as_json` of the data set."""
-        if self._scan is not None and _pydicom_defaults():
+        if self._scan is not None:
             header = _header_from_scan(self._scan.elements)
             if header is not None:
                 return header

@@ -427,8 +427,15 @@ def _p_data_tf(*items: bytes) -> bytes:
     return struct.pack(">BxL", 0x04, len(body)) + body
 
 
-def test_a_command_and_its_data_set_in_one_pdu_are_stored(storage_server, tmp_path):
+def test_a_command_and_its_data_set_in_one_pdu_are_stored(storage_server, tmp_path,
+                                                         monkeypatch):
+    from gateway import dimse
     from gateway.dimse import c_store_rq  # the request pynetdicom would send
+
+    handled = []  # PDUs the gateway read itself rather than through pynetdicom's decoder
+    read_directly = dimse._read_data_directly
+    monkeypatch.setattr(dimse, "_read_data_directly",
+                        lambda assoc: handled.append(read_directly(assoc)) or handled[-1])
 
     path = sample_file("explicit", tmp_path)
     assoc, context_id, meta = _established(storage_server.port, path)
@@ -445,6 +452,7 @@ def test_a_command_and_its_data_set_in_one_pdu_are_stored(storage_server, tmp_pa
     assert (response.MessageIDBeingRespondedTo, response.Status) == (7, 0x0000)
     stored = Path(ReceivedInstance.objects.get().path).read_bytes()
     assert stored.endswith(data)
+    assert True in handled
 
 
 @pytest.mark.parametrize("broken", [
