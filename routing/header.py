@@ -222,6 +222,23 @@ def scan_part10(encoded: bytes) -> Scan | None:
         return None
 
 
+def _element_at(data: bytes, pos: int, end: int) -> tuple[int, str, int, int] | None:
+    """(tag, VR, where the value starts, value length) of the explicit VR little endian
+    element at ``pos``; None if its VR is unknown or its header is cut short."""
+    if end - pos < 8:
+        return None
+    group, elem, vr, length = _ELEMENT.unpack_from(data, pos)
+    name = _SHORT_VRS.get(vr)
+    start = pos + 8
+    if name is None:
+        name = _LONG_VRS.get(vr)
+        if name is None or end - pos < 12:
+            return None
+        length = _LENGTH.unpack_from(data, start)[0]
+        start += 4
+    return group << 16 | elem, name, start, length
+
+
 def _scan(data: bytes) -> Scan | None:
     end = len(data)
     if end < 132 or data[128:132] != b"DICM":
@@ -229,23 +246,16 @@ def _scan(data: bytes) -> Scan | None:
     meta: dict = {}
     pos = 132
     while pos < end:
-        if end - pos < 8:
+        element = _element_at(data, pos, end)
+        if element is None:
             return None
-        group, elem, vr, length = _ELEMENT.unpack_from(data, pos)
-        if group != 2:
+        tag, name, start, length = element
+        if tag >> 16 != 2:
             break
-        name = _SHORT_VRS.get(vr)
-        start = pos + 8
-        if name is None:
-            name = _LONG_VRS.get(vr)
-            if name is None or end - pos < 12:
-                return None
-            length = _LENGTH.unpack_from(data, start)[0]
-            start += 4
         pos = start + length
         if length == _UNDEFINED or pos > end:
             return None
-        meta[2 << 16 | elem] = (name, data[start:pos])
+        meta[tag] = (name, data[start:pos])
     syntax = meta.get(0x00020010)
     if syntax is None:
         return None
@@ -255,27 +265,17 @@ def _scan(data: bytes) -> Scan | None:
     elements: dict = {}
     first = True
     while pos < end:
-        if end - pos < 8:
+        # An unknown VR, implicit VR (pydicom switches to it) or a header cut short: None.
+        element = _element_at(data, pos, end)
+        if element is None:
             return None
-        group, elem, vr, length = _ELEMENT.unpack_from(data, pos)
-        tag = group << 16 | elem
+        tag, name, start, length = element
         if tag in _PIXEL_TAGS:
-            # pydicom reads the element's whole header before it stops there.
-            if vr in _LONG_VRS and end - pos < 12 or vr not in _LONG_VRS | _SHORT_VRS:
-                return None
-            break
+            break  # having read its header, as pydicom does before it stops there
         # Command or file meta elements in the data set, or a delimiter at its top level:
         # pydicom has rules of its own for those.
-        if group <= 2 or group == 0xFFFE:
+        if tag >> 16 <= 2 or tag >> 16 == 0xFFFE:
             return None
-        name = _SHORT_VRS.get(vr)
-        start = pos + 8
-        if name is None:
-            name = _LONG_VRS.get(vr)
-            if name is None or end - pos < 12:
-                return None  # an unknown VR, or implicit VR (pydicom switches to it)
-            length = _LENGTH.unpack_from(data, start)[0]
-            start += 4
         if length == _UNDEFINED:
             if name != "SQ":
                 return None
@@ -332,23 +332,18 @@ def _skip_item(data: bytes, pos: int, end: int, undefined: bool, depth: int) -> 
             return pos
         if end - pos < 8:
             return None
-        group, elem, vr, length = _ELEMENT.unpack_from(data, pos)
+        group, elem, length = _ITEM.unpack_from(data, pos)
         if group == 0xFFFE:
             # A delimiter's length is zero; pydicom reads other bytes there as a VR.
-            if undefined and (group << 16 | elem) == _ITEM_END and data[pos + 4:pos + 8] == (
-                    b"\0\0\0\0"):
+            if undefined and (group << 16 | elem) == _ITEM_END and length == 0:
                 return pos + 8
             return None
-        if group == 0x0008 and elem == 0x0005:
+        element = _element_at(data, pos, end)
+        if element is None:
+            return None
+        tag, name, start, length = element
+        if tag == 0x00080005:
             return None  # pydicom decodes an item's character set as it reads it
-        name = _SHORT_VRS.get(vr)
-        start = pos + 8
-        if name is None:
-            name = _LONG_VRS.get(vr)
-            if name is None or end - pos < 12:
-                return None
-            length = _LENGTH.unpack_from(data, start)[0]
-            start += 4
         if length == _UNDEFINED:
             if name != "SQ":
                 return None
