@@ -263,7 +263,6 @@ def _scan(data: bytes) -> Scan | None:
     if syntax_uid in _NOT_EXPLICIT_LITTLE or syntax_uid in PrivateTransferSyntaxes:
         return None
     elements: dict = {}
-    first = True
     while pos < end:
         # An unknown VR, implicit VR (pydicom switches to it) or a header cut short: None.
         element = _element_at(data, pos, end)
@@ -288,8 +287,7 @@ def _scan(data: bytes) -> Scan | None:
             if pos > end:
                 return None
             elements[tag] = (name, data[start:pos])
-        first = False
-    if first:
+    if not elements:
         return None  # no data set: pydicom says what it makes of that
     return Scan(meta, elements)
 
