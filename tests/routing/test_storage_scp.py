@@ -455,21 +455,23 @@ def test_a_command_and_its_data_set_in_one_pdu_are_stored(storage_server, tmp_pa
     assert True in handled
 
 
-@pytest.mark.parametrize("broken", [
-    # A PDV item announcing more than its PDU holds.
-    _p_data_tf(struct.pack(">LBB", 5000, 1, 0x03) + b"\x00" * 10),
+@pytest.mark.parametrize("broken, then_close", [
+    # A PDV item announcing more than its PDU holds. The gateway aborts at once, and
+    # the abort closes this side's socket: it must not be touched afterwards.
+    (_p_data_tf(struct.pack(">LBB", 5000, 1, 0x03) + b"\x00" * 10), False),
     # A PDU announcing 1 MB, then the connection ends.
-    struct.pack(">BxL", 0x04, 1 << 20) + b"\x00" * 100,
+    (struct.pack(">BxL", 0x04, 1 << 20) + b"\x00" * 100, True),
 ], ids=["pdv-past-its-pdu", "pdu-cut-off"])
 def test_a_broken_pdu_within_an_association_ends_only_that_association(
-    storage_server, tmp_path, broken
+    storage_server, tmp_path, broken, then_close
 ):
     path = sample_file("explicit", tmp_path)
     assoc, _context_id, _meta = _established(storage_server.port, path)
     sock = assoc.dul.socket.socket
 
     sock.sendall(broken)
-    sock.shutdown(socket.SHUT_WR)
+    if then_close:  # the gateway is still waiting for the rest of the PDU
+        sock.shutdown(socket.SHUT_WR)
     deadline = time.monotonic() + 10
     while not (assoc.is_aborted or not assoc.is_alive()) and time.monotonic() < deadline:
         time.sleep(0.02)
