@@ -55,6 +55,12 @@ OUTCOME_SECONDS = 1.0
 GATHER_BELOW = 8
 GATHER_SECONDS = 0.05
 
+# A run whose claim comes back full has a backlog before it (a node that was down, a study
+# arriving faster than one association forwards it): it asks for one more run, at most this
+# often, while the node has fewer holders than its max_associations. The backlog then goes
+# out over parallel associations, as many as the node allows and workers are free.
+HELP_SECONDS = 1.0
+
 Enqueue = Callable[[int], None]
 
 
@@ -276,6 +282,9 @@ class DeliveryRun:
     delivered: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
+    # Enqueues another run for a node (the task); None: this run never asks for help.
+    enqueue: Enqueue | None = field(default=None, repr=False, compare=False)
+    asked_at: float = field(default=-math.inf, repr=False, compare=False)
 
     def summary(self) -> dict:
         return {
@@ -317,19 +326,21 @@ def _coercer() -> scu.Coercer | None:
     return apply_coercions
 
 
-def deliver_to_node(node_id: int) -> DeliveryRun:
+def deliver_to_node(node_id: int, enqueue: Enqueue | None = None) -> DeliveryRun:
     """Send everything due for one node on as few associations as possible, while this
-    holder has a slot. Safe to run any number of times concurrently.
+    holder has a slot. Safe to run any number of times concurrently. With ``enqueue`` (the
+    task's ``delay``), a backlog asks for more runs, up to the node's ``max_associations``
+    (:func:`_claim`).
 
     A run that gets a slot ends by clearing the node's queued mark and giving what is due
     by then a task of its own (:func:`_leave`); one that finds every slot taken leaves both
     to the runs that hold them."""
-    run = DeliveryRun()
+    run = DeliveryRun(enqueue=enqueue)
     node = Node.objects.filter(pk=node_id).first()
     if node is None:
         queued_mark(node_id, set_it=False)
         return run
-    batch = claim(node_id, run.holder)
+    batch = _claim(node, run)
     if not batch and _others_claims(node_id, run.holder).exists():
         return run
     try:
@@ -348,7 +359,7 @@ def _send_claimed(node: Node, batch: list[Claimed], run: DeliveryRun) -> None:
     while batch:
         batch = supersede(batch, run.holder)
         if not batch:
-            batch = claim(node.pk, run.holder)
+            batch = _claim(node, run)
             continue
         plan = scu.plan_contexts([*_pairs(batch), *_due_pairs(node.pk)])
         sendable = [c for c in batch if _fits(plan, c)]
@@ -375,7 +386,29 @@ def _send_claimed(node: Node, batch: list[Claimed], run: DeliveryRun) -> None:
         if not batch:
             # Released the slot: a task that found it taken meanwhile returned at once, so look
             # again before leaving.
-            batch = claim(node.pk, run.holder)
+            batch = _claim(node, run)
+
+
+def _claim(node: Node, run: DeliveryRun) -> list[Claimed]:
+    """The run's next batch; a full one asks for another run (see HELP_SECONDS)."""
+    batch = claim(node.pk, run.holder)
+    if len(batch) == BATCH_SIZE:
+        _ask_for_help(node, run)
+    return batch
+
+
+def _ask_for_help(node: Node, run: DeliveryRun) -> None:
+    now = time.monotonic()
+    if run.enqueue is None or node.max_associations < 2 or now - run.asked_at < HELP_SECONDS:
+        return
+    run.asked_at = now
+    others = _others_claims(node.pk, run.holder).values("claimed_by").distinct().count()
+    if others + 1 >= node.max_associations:
+        return
+    try:
+        run.enqueue(node.pk)
+    except Exception:  # this run goes on sending alone
+        logger.warning("could not enqueue a second delivery run for node %s", node.pk)
 
 
 def _others_claims(node_id: int, holder: str, now: datetime | None = None
@@ -454,7 +487,7 @@ def _send_batch(
                 record_stored()
         if len(batch) < GATHER_BELOW:
             time.sleep(GATHER_SECONDS)
-        return claim(node.pk, run.holder)
+        return _claim(node, run)
     finally:
         record_stored()
 

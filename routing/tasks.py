@@ -15,10 +15,11 @@ from .routing import route_pending_instances, route_quiet_studies
 
 @shared_task
 def deliver_node(node_id: int) -> dict:
-    """Send what is due for one node, reusing one association while work is queued. Returns at
-    once when the node already has ``max_associations`` holders: they keep draining."""
+    """Send what is due for one node, reusing one association while work is queued, and asking
+    for another run (up to ``max_associations``) while there is a backlog. Returns at once when
+    the node already has ``max_associations`` holders: they keep draining."""
     with acting_as("system"):
-        return delivery.deliver_to_node(node_id).summary()
+        return delivery.deliver_to_node(node_id, deliver_node.delay).summary()
 
 
 @shared_task

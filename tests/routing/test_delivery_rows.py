@@ -69,6 +69,30 @@ class TestClaim:
 
         assert (len(a), len(b), c, len(a_again)) == (1, 1, [], 1)
 
+    @pytest.mark.parametrize("max_associations, held_by_others, asks", [
+        (2, 0, True), (1, 0, False), (3, 2, False), (3, 1, True)])
+    def test_a_full_claim_asks_for_another_run_while_the_node_allows_one(
+        self, tmp_path, max_associations, held_by_others, asks
+    ):
+        node = make_node(port=1, max_associations=max_associations)  # nobody answers
+        pending(tmp_path, node, held_by_others + delivery.BATCH_SIZE + 3)
+        for other in range(held_by_others):
+            delivery.claim(node.pk, f"other-{other}", limit=1)
+        asked = []
+
+        run = delivery.deliver_to_node(node.pk, asked.append)
+
+        assert run.failed == delivery.BATCH_SIZE
+        assert asked == ([node.pk] if asks else [])
+
+    def test_a_claim_short_of_a_batch_asks_for_no_other_run(self, tmp_path, node):
+        pending(tmp_path, node, delivery.BATCH_SIZE - 1)
+        asked = []
+
+        run = delivery.deliver_to_node(node.pk, asked.append)
+
+        assert (run.failed, asked) == (delivery.BATCH_SIZE - 1, [])
+
     def test_a_holder_whose_lease_expired_holds_no_slot(self, tmp_path, node, settings):
         long_ago = timezone.now() - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS + 1)
         pending(tmp_path, node, 3, next_attempt_at=long_ago)

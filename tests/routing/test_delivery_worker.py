@@ -152,39 +152,60 @@ def test_a_dead_delivery_retried_by_hand_is_delivered(tmp_path, start_orthanc, s
     )
 
 
+class HolderSampler:
+    """Counts, every few milliseconds, the distinct holders of a node's SENDING rows: its
+    open associations."""
+
+    def __init__(self, node) -> None:
+        self.node, self.seen = node, []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        try:
+            while not self._done.is_set():
+                self.seen.append(
+                    Delivery.objects.filter(node=self.node, status=DeliveryStatus.SENDING)
+                    .values("claimed_by").distinct().count())
+                self._done.wait(0.005)
+        finally:
+            connection.close()
+
+    def __enter__(self) -> HolderSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def test_a_node_gets_no_more_associations_than_it_allows(tmp_path, orthanc, start_worker):
     node = make_node(orthanc, max_associations=1)
     start_worker(concurrency=2)
     start_worker(concurrency=2)
-    holders_seen: list[int] = []
-    done = threading.Event()
 
-    def sample() -> None:
-        try:
-            while not done.is_set():
-                holders = (
-                    Delivery.objects.filter(node=node, status=DeliveryStatus.SENDING)
-                    .values("claimed_by")
-                    .distinct()
-                    .count()
-                )
-                holders_seen.append(holders)
-                done.wait(0.005)
-        finally:
-            connection.close()
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with HolderSampler(node) as holders:
         rows = route(tmp_path, node, 150)
         for _ in range(7):
             deliver_node.delay(node.pk)
         wait_until(lambda: all_delivered(node, 150), 90, "the deliveries")
-    finally:
-        done.set()
-        sampler.join()
 
-    assert max(holders_seen) == 1
+    assert max(holders.seen) == 1
+    assert set(orthanc.instances()) == sop_uids(rows)
+
+
+def test_a_backlog_goes_out_over_as_many_associations_as_the_node_allows(
+    tmp_path, orthanc, start_worker
+):
+    node = make_node(orthanc, max_associations=2)
+    start_worker(concurrency=3, DELIVERY_SWEEP_SECONDS="3600")  # no task but the first
+
+    with HolderSampler(node) as holders:
+        rows = route(tmp_path, node, 300)  # one task, enqueued on commit
+        wait_until(lambda: all_delivered(node, 300), 90, "the deliveries")
+
+    assert max(holders.seen) == 2
     assert set(orthanc.instances()) == sop_uids(rows)
 
 
