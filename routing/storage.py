@@ -8,13 +8,17 @@ in the same transaction (:func:`routing.routing.decide`: the header, the associa
 the parsed data set are in memory, so nothing is read back); otherwise, and for a replaced
 instance, routing happens after, on the committed row (:func:`routing.routing.route_instance`).
 
-Durability: the bytes go to a temporary file under ``store/.incoming`` (same filesystem),
-created, written and fsynced by a helper thread from the moment they have arrived, while
-this one parses the data set, decides where it goes and writes its rows in a transaction
-(on PostgreSQL one statement: study, instance and deliveries). Only then does it wait for
-the file, rename it over the final name and fsync the directory, all before the commit:
-a committed row always names a durable file, and a failed commit removes the new file.
-Nothing is half-kept: on any failure the temporary file is removed and no row is written.
+Durability: the bytes go to a temporary file in ``store/.incoming`` (same filesystem),
+written and fsynced by a helper thread from the moment they have arrived, while this one
+parses the data set, decides where it goes and writes its rows in a transaction (on
+PostgreSQL one statement: study, instance and deliveries). Only then does it wait for the
+file, give it its final name and fsync the directory, all before the commit: a committed
+row always names a durable file, and a failed commit removes the new file. Nothing is
+half-kept: on any failure the temporary file is removed and no row is written. On Linux the
+temporary file has no name at all until then (O_TMPFILE, linked into place), so a process
+killed mid-store leaves nothing; the writers open the next ones ahead (:class:`_Spares`).
+Elsewhere it is a named ``.part`` file, renamed into place; :func:`remove_abandoned_incoming`
+deletes those a killed process left.
 
 Duplicates (the same SOP Instance UID received again), by ``GATEWAY_DUPLICATE_POLICY``:
 
@@ -42,6 +46,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -350,7 +355,7 @@ def _store(encoded: bytes, parsed: ReceivedDataSet, uids: _Uids, origin: Origin,
             # Last step before commit: from here on, the file is the one the row describes.
             temp = _written(written)
             _make_dirs(final.parent)
-            os.replace(temp, final)
+            temp.move_to(final)
             renamed = True
             _fsync_dir(final.parent)
     except StoreRefused as refused:
@@ -540,37 +545,159 @@ def _text(parsed: ReceivedDataSet, keyword: str) -> str:
     return "" if value is None else str(value).replace("\x00", "").strip()
 
 
-# Creating, writing and fsyncing the file wait on the disk with the GIL released (creating a
-# file alone took ~0.3 ms here); a few threads serve every association.
+# Creating, writing and fsyncing the file wait on the disk with the GIL released; a few threads
+# serve every association.
 _writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store-writer")
+
+
+class _TempFile:
+    """An instance's bytes, written and fsynced, before they have their final name: a file
+    without a name (``fd``, Linux's O_TMPFILE), or a named temporary file (``path``) where
+    the file system has no such files."""
+
+    def __init__(self, fd: int | None = None, path: str | None = None) -> None:
+        self.fd, self.path = fd, path
+
+    def move_to(self, final: Path) -> None:
+        """Give the file the name ``final`` (replacing a file there: no row names it), not
+        yet durable: :func:`_fsync_dir` makes it so."""
+        if self.path is not None:
+            os.replace(self.path, final)
+            self.path = None
+            return
+        directory = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                _link(self.fd, directory, final.name)
+            except FileExistsError:  # left by a process that died before its commit
+                os.unlink(final.name, dir_fd=directory)
+                _link(self.fd, directory, final.name)
+        finally:
+            os.close(directory)
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the file if it has not been given its final name."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.path is not None:
+            _discard(self.path)
+            self.path = None
+
+
+def _link(fd: int, directory: int, name: str) -> None:
+    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, as open(2) describes for O_TMPFILE; a
+    # directory fd makes Python call linkat, not link, which would not follow the link.
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory, follow_symlinks=True)
+
+
+@functools.cache
+def _unnamed_files_work(directory: Path) -> bool:
+    """Whether files without a name can be created in ``directory`` and linked into it
+    (Linux, a file system with O_TMPFILE, /proc mounted)."""
+    probe = directory / f".probe-{os.getpid()}-{time.monotonic_ns()}.part"
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except (AttributeError, OSError):
+        return False
+    try:
+        handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _link(fd, handle, probe.name)
+        finally:
+            os.close(handle)
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _new_temp(directory: Path) -> _TempFile:
+    if _unnamed_files_work(directory):
+        return _TempFile(fd=os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    fd, path = tempfile.mkstemp(dir=directory, suffix=".part")
+    return _TempFile(fd=fd, path=path)
+
+
+class _Spares:
+    """Files without a name opened ahead, for the next instances: creating a file waits for
+    the file system's journal, which every fsync keeps busy (~0.8 ms each under load, on
+    the association's way to its answer). Only for the latest directory asked for (the
+    server has one), at most ``SPARES``; a process that dies leaves nothing behind."""
+
+    SPARES = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._directory: Path | None = None
+        self._fds: list[int] = []
+
+    def take(self, directory: Path) -> _TempFile:
+        with self._lock:
+            if directory == self._directory and self._fds:
+                return _TempFile(fd=self._fds.pop())
+        return _new_temp(directory)
+
+    def refill(self, directory: Path) -> None:
+        if not _unnamed_files_work(directory):
+            return
+        with self._lock:
+            if directory != self._directory:
+                for fd in self._fds:
+                    os.close(fd)
+                self._directory, self._fds = directory, []
+            if len(self._fds) >= self.SPARES:
+                return
+        spare = _new_temp(directory)
+        with self._lock:
+            if directory == self._directory and len(self._fds) < self.SPARES:
+                self._fds.append(spare.fd)
+                return
+        spare.discard()
+
+
+_spares = _Spares()
 
 
 def _write_temp(directory: Path, data: bytes) -> Future:
     """Start writing ``data`` to a new temporary file in ``directory``, fsynced; return the
-    future of its path. A failure leaves nothing behind."""
-    return _writers.submit(_write_synced, directory, data)
+    future of its :class:`_TempFile`. A failure leaves nothing behind."""
+    written = _writers.submit(_write_synced, directory, data)
+    # Once the association has its file: the writer opens one ahead for a later instance.
+    written.add_done_callback(lambda _future: _refill(directory))
+    return written
 
 
-def _write_synced(directory: Path, data: bytes) -> str:
+def _write_synced(directory: Path, data: bytes) -> _TempFile:
     _make_dirs(directory)
-    fd, temp = tempfile.mkstemp(dir=directory, suffix=".part")
+    temp = _spares.take(directory)
     try:
-        try:
-            with memoryview(data) as view:
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with memoryview(data) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(temp.fd, view[written:])
+        os.fsync(temp.fd)
+        if temp.path is not None:
+            os.close(temp.fd)
+            temp.fd = None
     except BaseException:
-        _discard(temp)
+        temp.discard()
         raise
     return temp
 
 
-def _written(future: Future) -> str:
-    """The temporary file's path once written and fsynced; a refusal when that failed."""
+def _refill(directory: Path) -> None:
+    try:
+        _spares.refill(directory)
+    except OSError:
+        logger.exception("cannot open files ahead in %s", directory)
+
+
+def _written(future: Future) -> _TempFile:
+    """The temporary file once written and fsynced; a refusal when that failed."""
     try:
         return future.result()
     except Exception as exc:
@@ -589,7 +716,7 @@ def _discard_written(future: Future) -> None:
         temp = future.result()
     except Exception:
         return  # a failed write leaves nothing
-    _discard(temp)
+    temp.discard()
 
 
 # A temporary file is written within a C-STORE (seconds at most); one this old was left by a
@@ -599,9 +726,9 @@ INCOMING_MAX_AGE_SECONDS = 3600
 
 def remove_abandoned_incoming(config: StorageConfig | None = None,
                               older_than: float = INCOMING_MAX_AGE_SECONDS) -> int:
-    """Periodic: delete the temporary files under ``store/.incoming`` that no C-STORE is
-    writing any more (their process was killed mid-store; their instance was never
-    acknowledged). Returns how many."""
+    """Periodic: delete the named temporary files under ``store/.incoming`` that no C-STORE
+    is writing any more (their process was killed mid-store; their instance was never
+    acknowledged), where the file system has no unnamed files. Returns how many."""
     config = config or StorageConfig.from_settings()
     cutoff = time.time() - older_than
     removed = 0

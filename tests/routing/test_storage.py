@@ -31,8 +31,67 @@ def config(tmp_path) -> StorageConfig:
     return StorageConfig(data_dir=tmp_path / "data", min_free_mb=0)
 
 
+@pytest.fixture(params=["unnamed", "named"], autouse=True)
+def temporary_files(request, monkeypatch) -> str:
+    """Each test runs with both kinds of temporary file: one without a name until it is
+    the instance's (O_TMPFILE), and a named one renamed into place, as on file systems
+    without the first kind."""
+    if request.param == "named":
+        monkeypatch.setattr("routing.storage._unnamed_files_work", lambda directory: False)
+    return request.param
+
+
 def every_file(config: StorageConfig) -> list[Path]:
     return sorted(p for p in config.data_dir.rglob("*") if p.is_file())
+
+
+def test_an_instance_being_stored_has_no_file_name_until_it_is_recorded(
+        config, tmp_path, monkeypatch, temporary_files):
+    from routing import storage
+
+    seen = []
+    written = storage._written
+    monkeypatch.setattr(storage, "_written", lambda future: (
+        seen.append(every_file(config)), written(future))[1])
+    path = sample_file("explicit", tmp_path / "in")
+
+    assert store_instance(path.read_bytes(), ORIGIN, config).ok
+
+    # Unnamed, a process killed at this point leaves nothing behind; named, it leaves a
+    # .part file for remove_abandoned_incoming.
+    kept = [p.suffix for p in seen[0]]
+    assert kept == ([] if temporary_files == "unnamed" else [".part"])
+    row = ReceivedInstance.objects.get()
+    assert every_file(config) == [Path(row.path)]
+    assert Path(row.path).read_bytes() == path.read_bytes()
+
+
+def test_a_file_left_under_the_final_name_by_a_killed_process_is_replaced(config, tmp_path):
+    path = sample_file("explicit", tmp_path / "in")
+    ds = dcmread(path)
+    final = (config.store_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID
+             / f"{ds.SOPInstanceUID}.dcm")
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"stored, then the process died before its commit")
+
+    assert store_instance(path.read_bytes(), ORIGIN, config).ok
+
+    row = ReceivedInstance.objects.get()
+    assert Path(row.path) == final
+    assert final.read_bytes() == path.read_bytes()
+
+
+def test_storing_many_instances_keeps_few_files_open(config, tmp_path):
+    from routing.storage import _Spares
+
+    open_before = len(os.listdir("/proc/self/fd"))
+    for number in range(30):
+        path = sample_file("explicit", tmp_path / f"in{number}")
+        assert store_instance(path.read_bytes(), ORIGIN, config).ok
+
+    assert ReceivedInstance.objects.count() == 30
+    # The files opened ahead, and one being opened.
+    assert len(os.listdir("/proc/self/fd")) <= open_before + _Spares.SPARES + 1
 
 
 def test_it_stores_and_records_the_bytes_it_was_given(config, tmp_path):
