@@ -15,6 +15,7 @@ them with the C-STORE SCU, record each outcome, and find work whose task was los
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -25,11 +26,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
-from gateway import audit
+from gateway import audit, sql
 
 from . import scu
 from .models import Delivery, DeliveryStatus, Node, ReceivedInstance
@@ -117,6 +118,8 @@ def claim(
     disabled, nothing is due, or ``holder`` holds nothing and the node already has
     ``max_associations`` other holders with a live lease."""
     now = now or timezone.now()
+    if connection.vendor == "postgresql":
+        return _claim_in_sql(node_id, holder, limit, now)
     with transaction.atomic():
         # FOR NO KEY UPDATE: serialises claimants of this node without blocking the inserts of
         # new Delivery rows, which only take a key-share lock on it.
@@ -154,6 +157,83 @@ def claim(
             .order_by("id")
         )
         return [Claimed(d, previous[d.pk]) for d in claimed]
+
+
+def _claim_in_sql(node_id: int, holder: str, limit: int, now: datetime) -> list[Claimed]:
+    """:func:`claim` on PostgreSQL in two statements instead of six: its ORM statements cost
+    the worker ~3 ms of CPU per claim, about a third of what sending a batch costs. The node's
+    row is locked first, on its own: the second statement's snapshot, taken once it has the
+    lock, then sees every claim committed before."""
+    lease_start = now - timedelta(seconds=settings.DELIVERY_LEASE_SECONDS)
+    with transaction.atomic(), sql.cursor() as cursor:
+        cursor.execute(_lock_node_sql(), [node_id])
+        locked = cursor.fetchone()
+        if locked is None:
+            return []
+        cursor.execute(_claim_sql(), {
+            "node": node_id, "holder": holder, "max": locked[0], "lease_start": lease_start,
+            "now": now, "limit": limit, "sending": DeliveryStatus.SENDING.value,
+            "pending": DeliveryStatus.PENDING.value, "failed": DeliveryStatus.FAILED.value})
+        rows = cursor.fetchall()
+    coerce = Delivery._meta.get_field("coerce")
+    claimed = []
+    for (pk, previous, instance_id, node, coercions, version, path, sop_class, syntax,
+         instance_version) in rows:
+        delivery = _loaded(Delivery, {
+            "id": pk, "instance_id": instance_id, "node_id": node,
+            "coerce": coerce.from_db_value(coercions, None, connection),
+            "instance_version": version, "status": DeliveryStatus.SENDING})
+        delivery.instance = _loaded(ReceivedInstance, {
+            "id": instance_id, "path": path, "sop_class_uid": sop_class,
+            "transfer_syntax_uid": syntax, "version": instance_version})
+        claimed.append(Claimed(delivery, previous))
+    return claimed
+
+
+def _loaded(model: type, values: dict):
+    """A model instance as the ORM loads it with ``.only(*values)``: other fields deferred."""
+    names = [f.attname for f in model._meta.concrete_fields if f.attname in values]
+    return model.from_db(connection.alias, names, [values[name] for name in names])
+
+
+@functools.cache
+def _lock_node_sql() -> str:
+    qn = connection.ops.quote_name
+    # FOR NO KEY UPDATE: serialises claimants of this node without blocking the inserts of
+    # new Delivery rows, which only take a key-share lock on it.
+    return (f"SELECT {qn('max_associations')} FROM {qn(Node._meta.db_table)} "
+            f"WHERE {qn('id')} = %s AND {qn('enabled')} FOR NO KEY UPDATE")
+
+
+@functools.cache
+def _claim_sql() -> str:
+    """The slot check, the due rows (skipping those another claimant has locked), their
+    update and the fields sending reads (``_CLAIMED_FIELDS``), in id order."""
+    qn = connection.ops.quote_name
+    delivery, instance = qn(Delivery._meta.db_table), qn(ReceivedInstance._meta.db_table)
+    return f"""
+        WITH slot AS (
+            SELECT 1 WHERE EXISTS (
+                SELECT 1 FROM {delivery} WHERE node_id = %(node)s AND status = %(sending)s
+                AND claimed_by = %(holder)s)
+            OR (SELECT count(DISTINCT claimed_by) FROM {delivery}
+                WHERE node_id = %(node)s AND status = %(sending)s
+                AND claimed_at >= %(lease_start)s AND claimed_by <> %(holder)s) < %(max)s
+        ), picked AS (
+            SELECT id, status FROM {delivery}
+            WHERE node_id = %(node)s AND status IN (%(pending)s, %(failed)s)
+            AND next_attempt_at <= %(now)s AND EXISTS (SELECT 1 FROM slot)
+            ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+        ), claimed AS (
+            UPDATE {delivery} AS d SET status = %(sending)s, claimed_at = %(now)s,
+                claimed_by = %(holder)s, updated_at = %(now)s
+            FROM picked WHERE d.id = picked.id
+            RETURNING d.id, picked.status AS previous, d.instance_id, d.node_id, d.coerce,
+                d.instance_version
+        )
+        SELECT c.id, c.previous, c.instance_id, c.node_id, c.coerce, c.instance_version,
+            i.path, i.sop_class_uid, i.transfer_syntax_uid, i.version
+        FROM claimed AS c JOIN {instance} AS i ON i.id = c.instance_id ORDER BY c.id"""
 
 
 def release(claims: Iterable[Claimed], holder: str) -> None:

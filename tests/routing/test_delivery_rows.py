@@ -44,6 +44,21 @@ class TestClaim:
             (DeliveryStatus.SENDING, "holder-a")
         }
 
+    def test_a_claimed_delivery_reads_its_other_fields_as_they_are_stored(self, tmp_path, node):
+        (row,) = pending(tmp_path, node, 1, status=DeliveryStatus.FAILED, attempts=3,
+                         last_error="connection refused",
+                         coerce=[{"attribute": "InstitutionName", "action": "remove"}])
+
+        (claimed,) = delivery.claim(node.pk, "holder-a")
+
+        d = claimed.delivery
+        assert (claimed.previous_status, d.status, d.coerce) == (
+            DeliveryStatus.FAILED, DeliveryStatus.SENDING,
+            [{"attribute": "InstitutionName", "action": "remove"}])
+        assert (d.attempts, d.last_error, d.claimed_by) == (3, "connection refused", "holder-a")
+        assert (d.instance.path, d.instance.sop_instance_uid) == (
+            row.instance.path, row.instance.sop_instance_uid)
+
     def test_it_claims_nothing_that_is_not_due_yet(self, tmp_path, node):
         pending(tmp_path, node, 1, next_attempt_at=timezone.now() + timedelta(minutes=5))
         pending(tmp_path, node, 1, status=DeliveryStatus.DEAD)
