@@ -411,6 +411,8 @@ def _read_data_directly(assoc) -> bool:
         logger.error("A P-DATA-TF PDU whose items do not fill it: aborting the association")
         dul.event_queue.put("Evt19")  # invalid PDU
         return True
+    if _queue_store_response(assoc, values):
+        return True
     primitive = P_DATA()
     primitive._presentation_data_value_list = values  # views: the setter wants bytes
     assoc.dimse.receive_primitive(primitive)
@@ -432,6 +434,98 @@ def _presentation_data_values(body: bytearray) -> list | None:
         values.append((view[offset + 4], view[offset + 5:offset + 4 + length]))
         offset += 4 + length
     return values
+
+
+# What a C-STORE response may hold to be read here (PS3.7 9.3.1.2): group length, Affected SOP
+# Class UID, Command Field, Message ID Being Responded To, Command Data Set Type, Status, Error
+# Comment, Affected SOP Instance UID. Anything else (Offending Element, Error ID...) goes
+# through pynetdicom.
+_STORE_RSP_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x0902, 0x1000})
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+def _queue_store_response(assoc, values: list) -> bool:
+    """A C-STORE response that came whole in one PDV goes on the DIMSE queue as pynetdicom's
+    ``receive_primitive`` would put it, without decoding the command set through pydicom
+    (~120 us of the worker's CPU per instance sent); False, having done nothing, otherwise."""
+    dimse = assoc.dimse
+    if (len(values) != 1 or dimse.message is not None
+            or assoc.get_handlers(evt.EVT_DIMSE_RECV)):
+        return False
+    context_id, item = values[0]
+    if item[0] != COMMAND_FRAGMENT | LAST_FRAGMENT:
+        return False
+    primitive = store_response(item[1:])
+    if primitive is None:
+        return False
+    primitive._context_id = context_id
+    dimse.msg_queue.put((context_id, primitive))
+    return True
+
+
+def store_response(command: memoryview | bytes) -> C_STORE | None:
+    """The C_STORE primitive of an encoded C-STORE response command set, with the values
+    pynetdicom's decoder gives; None for anything it might read differently (other
+    elements, empty, multi-valued or non-ASCII values)."""
+    elements = _command_elements(command)
+    if elements is None or not elements.keys() <= _STORE_RSP_ELEMENTS:
+        return None
+    if not {0x0100, 0x0120, 0x0800, 0x0900} <= elements.keys():
+        return None
+    if (_us_value(elements[0x0100]), _us_value(elements[0x0800])) != (C_STORE_RSP, NO_DATA_SET):
+        return None
+    message_id, status = _us_value(elements[0x0120]), _us_value(elements[0x0900])
+    if message_id is None or status is None:
+        return None
+    texts = {element: _text_value(elements[element])
+             for element in (0x0002, 0x0902, 0x1000) if element in elements}
+    if None in texts.values():
+        return None
+    try:
+        primitive = C_STORE()
+        primitive.MessageIDBeingRespondedTo = message_id
+        if 0x0002 in texts:
+            primitive.AffectedSOPClassUID = texts[0x0002]
+        if 0x1000 in texts:
+            primitive.AffectedSOPInstanceUID = texts[0x1000]
+        primitive.Status = status
+        if 0x0902 in texts:
+            primitive.ErrorComment = texts[0x0902]
+    except (TypeError, ValueError):  # as pynetdicom would refuse it, let it
+        return None
+    primitive._dataset_path = primitive._dataset_file = None
+    return primitive
+
+
+def _command_elements(command: memoryview | bytes) -> dict[int, bytes] | None:
+    """A command set's values by element number (group 0000, Implicit VR Little Endian,
+    PS3.7 6.3.1); None unless it is exactly a run of such elements, each once."""
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(command)
+    while offset < end:
+        if end - offset < _ELEMENT_HEADER.size:
+            return None
+        group, element, length = _ELEMENT_HEADER.unpack_from(command, offset)
+        offset += _ELEMENT_HEADER.size
+        if group != 0 or length > end - offset or element in elements:
+            return None
+        elements[element] = bytes(command[offset:offset + length])
+        offset += length
+    return elements
+
+
+def _us_value(value: bytes) -> int | None:
+    return _US.unpack(value)[0] if len(value) == _US.size else None
+
+
+def _text_value(value: bytes) -> str | None:
+    """A single plain ASCII value without its trailing padding, as pydicom decodes UI and LO
+    values; None when it is empty, multi-valued or not plain ASCII."""
+    if not value.isascii() or b"\\" in value:
+        return None
+    text = value.decode("ascii").rstrip("\0 ")
+    return text if text and text.isprintable() else None
 
 
 # --- Waiting ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import struct
 import threading
 import time
 import tracemalloc
@@ -56,6 +57,139 @@ def test_a_c_store_response_is_encoded_as_pynetdicom_does(status, comment):
 
     assert (dimse.c_store_rsp(65535, ENHANCED_MR, "1.2.3.45", status, comment)
             == pynetdicom_command(C_STORE_RSP, **fields))
+
+
+def pynetdicom_decoded(command: bytes) -> C_STORE | None:
+    """The primitive pynetdicom's DIMSE provider puts on its queue for this command set, as
+    it arrived alone in a PDV; None where pynetdicom refuses it."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    message = DIMSEMessage()
+    data = P_DATA()
+    data.presentation_data_value_list = [[1, b"\x03" + command]]
+    try:
+        message.decode_msg(data)
+        return message.message_to_primitive()
+    except Exception:
+        return None
+
+
+def primitive_fields(primitive: C_STORE) -> dict:
+    names = ("MessageID", "MessageIDBeingRespondedTo", "AffectedSOPClassUID",
+             "AffectedSOPInstanceUID", "Priority", "MoveOriginatorApplicationEntityTitle",
+             "MoveOriginatorMessageID", "DataSet", "Status", "OffendingElement", "ErrorComment",
+             "_dataset_path", "_dataset_file")
+    return {name: (type(getattr(primitive, name)), getattr(primitive, name)) for name in names}
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0, element, len(value)) + value
+
+
+def _raw_response(*elements: bytes) -> bytes:
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+@pytest.mark.parametrize("status, comment", [
+    (0x0000, ""), (0xA700, "less than 500 MB free"), (0xC220, "odd"), (0xB007, ""),
+])
+def test_a_c_store_response_is_read_as_pynetdicom_reads_it(status, comment):
+    command = dimse.c_store_rsp(65535, ENHANCED_MR, "1.2.3.45", status, comment)
+
+    ours = dimse.store_response(memoryview(command))
+
+    assert ours is not None
+    assert primitive_fields(ours) == primitive_fields(pynetdicom_decoded(command))
+
+
+@pytest.mark.parametrize("command", [
+    # Written by other implementations: no Affected SOP Class UID, values padded with blanks
+    # or nulls, the elements in another order.
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0800, b"\x01\x01"), _element(0x0900, b"\x00\x00")),
+    _raw_response(_element(0x0002, CT.encode() + b"\x00"), _element(0x0100, b"\x01\x80"),
+                  _element(0x0120, b"\x05\x00"), _element(0x0800, b"\x01\x01"),
+                  _element(0x0900, b"\x07\xa7"), _element(0x0902, b" no room  "),
+                  _element(0x1000, b"1.2.3 ")),
+    _raw_response(_element(0x0900, b"\x00\x00"), _element(0x0800, b"\x01\x01"),
+                  _element(0x0120, b"\x05\x00"), _element(0x0100, b"\x01\x80")),
+], ids=["minimal", "padded", "reordered"])
+def test_a_c_store_response_from_another_implementation_is_read_as_pynetdicom_reads_it(command):
+    ours = dimse.store_response(command)
+
+    assert ours is not None
+    assert primitive_fields(ours) == primitive_fields(pynetdicom_decoded(command))
+
+
+@pytest.mark.parametrize("command", [
+    # An element this reader leaves to pynetdicom (Offending Element), a request, a response
+    # announcing a data set, a value with two UIDs, one not ASCII, an empty one, a Status of
+    # the wrong length, a length past the end, an element twice.
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0800, b"\x01\x01"), _element(0x0900, b"\x01\xc0"),
+                  _element(0x0901, b"\x08\x00\x18\x00")),
+    dimse.c_store_rq(5, CT, "1.2.3", 0),
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0800, b"\x00\x00"), _element(0x0900, b"\x00\x00")),
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0800, b"\x01\x01"), _element(0x0900, b"\x00\x00"),
+                  _element(0x1000, b"1.2\\1.3\x00")),
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0800, b"\x01\x01"), _element(0x0900, b"\x00\x00"),
+                  _element(0x0902, "Zürich".encode("latin-1"))),
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0800, b"\x01\x01"), _element(0x0900, b"\x00\x00"),
+                  _element(0x1000, b"")),
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0800, b"\x01\x01"), _element(0x0900, b"\x00\x00\x00\x00")),
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0800, b"\x01\x01"), _element(0x0900, b"\x00\x00"))[:-1],
+    _raw_response(_element(0x0100, b"\x01\x80"), _element(0x0120, b"\x05\x00"),
+                  _element(0x0120, b"\x06\x00"), _element(0x0800, b"\x01\x01"),
+                  _element(0x0900, b"\x00\x00")),
+], ids=["offending-element", "request", "with-data-set", "two-values", "not-ascii", "empty",
+        "long-status", "cut-short", "twice"])
+def test_anything_else_is_left_to_pynetdicom(command):
+    assert dimse.store_response(command) is None
+
+
+def test_a_sending_association_reads_its_c_store_responses_itself(tmp_path, monkeypatch):
+    from tests.fixtures_storage import sample_file
+
+    read = []
+    queue_response = dimse._queue_store_response
+    monkeypatch.setattr(dimse, "_queue_store_response",
+                        lambda assoc, values: read.append(queue_response(assoc, values))
+                        or read[-1])
+    server = _store_scp(lambda event: 0xB007)  # a warning status: Coercion of data elements
+    try:
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="GATEWAY")
+        dimse.read_in_large_blocks(assoc)
+        rsp = assoc.send_c_store(sample_file("explicit", tmp_path))
+        assoc.release()
+    finally:
+        server.shutdown()
+
+    assert rsp.Status == 0xB007
+    # The SCP's PDUs (the request) go through it too, and are left to pynetdicom.
+    assert read.count(True) == 1
+
+
+def _store_scp(on_store):
+    """A storage SCP set up as the gateway's (large reads, answers written directly)."""
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pynetdicom import evt
+
+    from gateway.dicom import answer_stores_promptly
+
+    ae = AE(ae_title="GATEWAY")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_CONN_OPEN, answer_stores_promptly), (evt.EVT_C_STORE, on_store)])
 
 
 def test_pdus_never_exceed_the_fragment_and_only_the_last_is_marked_last():
