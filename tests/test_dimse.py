@@ -155,6 +155,48 @@ def test_anything_else_is_left_to_pynetdicom(command):
     assert dimse.store_response(command) is None
 
 
+@pytest.mark.parametrize("command", [
+    dimse.c_store_rq(7, CT, "1.2.3.4", 2),
+    dimse.c_store_rq(65535, ENHANCED_MR, "1.2.3.45", 1),
+    pynetdicom_command(C_STORE_RQ, MessageID=3, Priority=0, AffectedSOPClassUID=CT,
+                       AffectedSOPInstanceUID="1.2.3", DataSet=BytesIO(b"\x00\x00")),
+    # Without the group length, the UIDs padded with a blank, in another order.
+    _raw_response(_element(0x1000, b"1.2.3 "), _element(0x0800, b"\xfe\xfe"),
+                  _element(0x0700, b"\x00\x00"), _element(0x0110, b"\x09\x00"),
+                  _element(0x0100, b"\x01\x00"), _element(0x0002, CT.encode() + b"\x00")
+                  )[12:],
+], ids=["ours", "ours-odd", "pynetdicom", "reordered"])
+def test_a_c_store_request_is_read_as_pynetdicom_reads_it(command):
+    ours = dimse.store_request(memoryview(command))
+    theirs = pynetdicom_decoded(command)
+
+    assert ours is not None
+    theirs.DataSet = None  # the data set follows the command set
+    assert primitive_fields(ours) == primitive_fields(theirs)
+
+
+@pytest.mark.parametrize("command", [
+    # On behalf of a C-MOVE, without a data set, a response, Priority of the wrong length,
+    # a Message ID missing.
+    pynetdicom_command(C_STORE_RQ, MessageID=3, Priority=0, AffectedSOPClassUID=CT,
+                       AffectedSOPInstanceUID="1.2.3", DataSet=BytesIO(b"\x00\x00"),
+                       MoveOriginatorApplicationEntityTitle="QR",
+                       MoveOriginatorMessageID=1),
+    _raw_response(_element(0x0002, CT.encode()), _element(0x0100, b"\x01\x00"),
+                  _element(0x0110, b"\x09\x00"), _element(0x0700, b"\x00\x00"),
+                  _element(0x0800, b"\x01\x01"), _element(0x1000, b"1.2.3\x00")),
+    dimse.c_store_rsp(7, CT, "1.2.3", 0),
+    _raw_response(_element(0x0002, CT.encode()), _element(0x0100, b"\x01\x00"),
+                  _element(0x0110, b"\x09\x00"), _element(0x0700, b"\x00"),
+                  _element(0x0800, b"\x00\x00"), _element(0x1000, b"1.2.3\x00")),
+    _raw_response(_element(0x0002, CT.encode()), _element(0x0100, b"\x01\x00"),
+                  _element(0x0700, b"\x00\x00"),
+                  _element(0x0800, b"\x00\x00"), _element(0x1000, b"1.2.3\x00")),
+], ids=["move-originator", "no-data-set", "response", "short-priority", "no-message-id"])
+def test_any_other_request_is_left_to_pynetdicom(command):
+    assert dimse.store_request(command) is None
+
+
 def test_a_sending_association_reads_its_c_store_responses_itself(tmp_path, monkeypatch):
     from tests.fixtures_storage import sample_file
 

@@ -436,6 +436,11 @@ def test_a_command_and_its_data_set_in_one_pdu_are_stored(storage_server, tmp_pa
     read_directly = dimse._read_data_directly
     monkeypatch.setattr(dimse, "_read_data_directly",
                         lambda assoc: handled.append(read_directly(assoc)) or handled[-1])
+    requests = []  # ... and the C-STORE request among them
+    receive = dimse._receive_store_request
+    monkeypatch.setattr(dimse, "_receive_store_request",
+                        lambda assoc, values: requests.append(receive(assoc, values))
+                        or requests[-1])
 
     path = sample_file("explicit", tmp_path)
     assoc, context_id, meta = _established(storage_server.port, path)
@@ -453,6 +458,34 @@ def test_a_command_and_its_data_set_in_one_pdu_are_stored(storage_server, tmp_pa
     stored = Path(ReceivedInstance.objects.get().path).read_bytes()
     assert stored.endswith(data)
     assert True in handled
+    assert requests == [True]
+
+
+@pytest.mark.parametrize("interruption", ["command", "other-context"])
+def test_a_data_set_interrupted_by_another_message_ends_only_that_association(
+    storage_server, tmp_path, interruption
+):
+    from gateway.dimse import c_store_rq
+
+    path = sample_file("explicit", tmp_path)
+    assoc, context_id, meta = _established(storage_server.port, path)
+    command = c_store_rq(7, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, 0)
+    data = dataset_bytes(path)
+    interrupting = (_pdv(context_id, 0x03, command) if interruption == "command"
+                    else _pdv(context_id + 2, 0x02, data[100:]))
+
+    assoc.dul.socket.socket.sendall(
+        _p_data_tf(_pdv(context_id, 0x03, command)) + _p_data_tf(_pdv(context_id, 0x00, data[:100]))
+        + _p_data_tf(interrupting))
+    deadline = time.monotonic() + 10
+    while not (assoc.is_aborted or not assoc.is_alive()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    assert assoc.is_aborted or not assoc.is_alive()
+    assert not ReceivedInstance.objects.exists()
+    result = storescu(storage_server.port, path)
+    assert result.statuses == ["0x0000"], result.output
+    assert ReceivedInstance.objects.count() == 1
 
 
 @pytest.mark.parametrize("broken, then_close", [
