@@ -24,6 +24,12 @@ messages, timeouts, release, abort):
   calls per 128 KB PDU), and hands a P-DATA-TF PDU's values to DIMSE as views of that buffer,
   as its state machine's DT-2 action would, without pynetdicom's PDU objects and copies.
   Together they take about a third of pynetdicom's CPU per received CT instance away.
+- The two C-STORE messages are also decoded here, into the primitives pynetdicom's decoder
+  would queue (tests compare them): a request whose command set comes whole in one PDV, its
+  data set fragments joined once at the end (:func:`_receive_store_request`), and a response
+  in one PDV (:func:`_queue_store_response`). pynetdicom decodes each command set through
+  pydicom (~120 us) and copies each fragment into a growing buffer. Anything unusual is left
+  to pynetdicom's decoder.
 
 Either write happens only while the DUL has nothing queued, so messages keep their order, and
 fails like pynetdicom's own send does: the DUL is told the transport closed (PS3.8 9.2, Evt17).
