@@ -56,7 +56,9 @@ import pynetdicom.association
 import pynetdicom.dul
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ as C_STORE_RQ_MESSAGE
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -369,6 +371,7 @@ def read_in_large_blocks(assoc) -> None:
 
     def read() -> None:
         if not _read_data_directly(assoc):
+            _hand_over_incoming_store(assoc)
             read_pdu()
 
     dul._read_pdu_data = read
@@ -417,6 +420,8 @@ def _read_data_directly(assoc) -> bool:
         logger.error("A P-DATA-TF PDU whose items do not fill it: aborting the association")
         dul.event_queue.put("Evt19")  # invalid PDU
         return True
+    if not values:  # an empty P-DATA-TF PDU: nothing for DIMSE
+        return True
     incoming = _receive_store_request(assoc, values)
     if incoming is not False:
         if incoming is None:
@@ -451,9 +456,26 @@ def _presentation_data_values(body: bytearray) -> list | None:
 class _IncomingStore:
     """A C-STORE request whose command set has been read, while its data set arrives."""
 
-    def __init__(self, context_id: int, primitive: C_STORE) -> None:
-        self.context_id, self.primitive = context_id, primitive
+    def __init__(self, context_id: int, command: bytes, primitive: C_STORE) -> None:
+        self.context_id, self.command, self.primitive = context_id, command, primitive
         self.fragments: list = []
+
+
+def _hand_over_incoming_store(assoc) -> None:
+    """Before pynetdicom reads a PDU itself (one this module leaves to it: a header that came
+    in pieces, a handler bound meanwhile...), give it the C-STORE request being read here, as
+    its decoder would hold it by now, so that it goes on with the rest of the data set."""
+    incoming = getattr(assoc, "_incoming_store", None)
+    if incoming is None:
+        return
+    assoc._incoming_store = None
+    message = C_STORE_RQ_MESSAGE()
+    message.context_id = incoming.context_id
+    message.encoded_command_set = BytesIO(incoming.command)
+    message.command_set = decode(message.encoded_command_set, True, True)
+    message.data_set = BytesIO(b"".join(incoming.fragments))
+    message.data_set.seek(0, os.SEEK_END)
+    assoc.dimse.message = message
 
 
 def _receive_store_request(assoc, values: list) -> bool | None:
@@ -479,7 +501,7 @@ def _receive_store_request(assoc, values: list) -> bool | None:
         primitive = store_request(item[1:])
         if primitive is None:
             return False
-        incoming = _IncomingStore(context_id, primitive)
+        incoming = _IncomingStore(context_id, bytes(item[1:]), primitive)
         values = values[1:]
     for position, (context_id, item) in enumerate(values):
         last = item[0] & LAST_FRAGMENT

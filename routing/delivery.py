@@ -56,11 +56,6 @@ OUTCOME_SECONDS = 1.0
 GATHER_BELOW = 8
 GATHER_SECONDS = 0.05
 
-# A run whose claim comes back full has a backlog before it (a node that was down, a study
-# arriving faster than one association forwards it): it asks for one more run, at most this
-# often, while the node has fewer holders than its max_associations. The backlog then goes
-# out over parallel associations, as many as the node allows and workers are free.
-HELP_SECONDS = 1.0
 
 Enqueue = Callable[[int], None]
 
@@ -364,7 +359,8 @@ class DeliveryRun:
     errors: list[str] = field(default_factory=list)
     # Enqueues another run for a node (the task); None: this run never asks for help.
     enqueue: Enqueue | None = field(default=None, repr=False, compare=False)
-    asked_at: float = field(default=-math.inf, repr=False, compare=False)
+    # How many other holders the node had when this run last asked for another run.
+    asked_with: int | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict:
         return {
@@ -470,7 +466,10 @@ def _send_claimed(node: Node, batch: list[Claimed], run: DeliveryRun) -> None:
 
 
 def _claim(node: Node, run: DeliveryRun) -> list[Claimed]:
-    """The run's next batch; a full one asks for another run (see HELP_SECONDS)."""
+    """The run's next batch. One that comes back full means a backlog (a node that was down,
+    a study arriving faster than one association forwards it): the run asks for another run
+    (:func:`_ask_for_help`), so that the backlog goes out over parallel associations, as many
+    as the node allows and workers are free."""
     batch = claim(node.pk, run.holder)
     if len(batch) == BATCH_SIZE:
         _ask_for_help(node, run)
@@ -478,13 +477,16 @@ def _claim(node: Node, run: DeliveryRun) -> list[Claimed]:
 
 
 def _ask_for_help(node: Node, run: DeliveryRun) -> None:
-    now = time.monotonic()
-    if run.enqueue is None or node.max_associations < 2 or now - run.asked_at < HELP_SECONDS:
+    """Enqueue one more run while the node has fewer holders than ``max_associations``, and
+    only once the number of other holders has changed since this run last asked (the run it
+    asked for has started, or one has ended): a task waiting for a free worker is not asked
+    for again and again. A task lost meanwhile is made up for by the sweep."""
+    if run.enqueue is None or node.max_associations < 2:
         return
-    run.asked_at = now
     others = _others_claims(node.pk, run.holder).values("claimed_by").distinct().count()
-    if others + 1 >= node.max_associations:
+    if others + 1 >= node.max_associations or others == run.asked_with:
         return
+    run.asked_with = others
     try:
         run.enqueue(node.pk)
     except Exception:  # this run goes on sending alone

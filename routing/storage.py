@@ -276,7 +276,7 @@ def _store(encoded: bytes, parsed: ReceivedDataSet, uids: _Uids, origin: Origin,
            config: StorageConfig, rules: list | None, written: Future) -> StoreResult:
     """Keep the instance whose bytes ``written`` is writing, or remove them."""
     final = config.store_dir / uids.study / uids.series / f"{uids.sop_instance}.dcm"
-    renamed = False
+    placed: _TempFile | None = None
     previous_path: str | None = None
     try:
         if config.duplicate_policy != DuplicatePolicy.REPLACE:
@@ -356,7 +356,7 @@ def _store(encoded: bytes, parsed: ReceivedDataSet, uids: _Uids, origin: Origin,
             temp = _written(written)
             _make_dirs(final.parent)
             temp.move_to(final)
-            renamed = True
+            placed = temp
             _fsync_dir(final.parent)
     except StoreRefused as refused:
         _discard_written(written)
@@ -364,9 +364,9 @@ def _store(encoded: bytes, parsed: ReceivedDataSet, uids: _Uids, origin: Origin,
             return StoreResult(StoreStatus.SUCCESS, "duplicate kept")
         raise
     except Exception as exc:
-        if renamed:
-            _discard(str(final))
-        elif not renamed:
+        if placed is not None:
+            placed.unplace()
+        else:
             _discard_written(written)
         logger.exception("could not store %s", uids.sop_instance)
         raise StoreRefused(StoreStatus.CANNOT_WRITE,
@@ -557,14 +557,23 @@ class _TempFile:
 
     def __init__(self, fd: int | None = None, path: str | None = None) -> None:
         self.fd, self.path = fd, path
+        self.placed: tuple[Path, int, int] | None = None  # final name, device, inode
+
+    def __del__(self) -> None:
+        # Dropped on a path that did not discard it (an interrupt): an unnamed file's space
+        # is only freed once its descriptor is closed.
+        if self.fd is not None and self.path is None:
+            os.close(self.fd)
 
     def move_to(self, final: Path) -> None:
         """Give the file the name ``final`` (replacing a file there: no row names it), not
         yet durable: :func:`_fsync_dir` makes it so."""
         if self.path is not None:
+            stat = os.stat(self.path)
             os.replace(self.path, final)
-            self.path = None
+            self.path, self.placed = None, (final, stat.st_dev, stat.st_ino)
             return
+        stat = os.fstat(self.fd)
         directory = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             try:
@@ -574,7 +583,21 @@ class _TempFile:
                 _link(self.fd, directory, final.name)
         finally:
             os.close(directory)
+        self.placed = (final, stat.st_dev, stat.st_ino)
         self.discard()
+
+    def unplace(self) -> None:
+        """Remove the file from its final name, unless another store has put its own there
+        meanwhile (once this one's transaction rolled back, nothing held that name)."""
+        if self.placed is None:
+            return
+        final, device, inode = self.placed
+        try:
+            stat = os.stat(final)
+        except FileNotFoundError:
+            return
+        if (stat.st_dev, stat.st_ino) == (device, inode):
+            _discard(str(final))
 
     def discard(self) -> None:
         """Remove the file if it has not been given its final name."""
@@ -592,15 +615,36 @@ def _link(fd: int, directory: int, name: str) -> None:
     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory, follow_symlinks=True)
 
 
-@functools.cache
+# Errors that say nothing about whether the file system has unnamed files: asked again later.
+_PASSING_ERRORS = frozenset({errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EMFILE,
+                             errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EINTR, errno.EAGAIN})
+_unnamed_files: dict[Path, bool] = {}
+
+
 def _unnamed_files_work(directory: Path) -> bool:
     """Whether files without a name can be created in ``directory`` and linked into it
-    (Linux, a file system with O_TMPFILE, /proc mounted)."""
+    (Linux, a file system with O_TMPFILE, /proc mounted): probed once per directory, again
+    after an error that does not settle it (a directory not there yet, a full disk)."""
+    known = _unnamed_files.get(directory)
+    if known is not None:
+        return known
+    works = _probe_unnamed_files(directory)
+    if works is not None:
+        _unnamed_files[directory] = works
+        if not works:
+            logger.info("%s has no files without a name (O_TMPFILE): received instances are "
+                        "written to named temporary files there", directory)
+    return bool(works)
+
+
+def _probe_unnamed_files(directory: Path) -> bool | None:
     probe = directory / f".probe-{os.getpid()}-{time.monotonic_ns()}.part"
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-    except (AttributeError, OSError):
+    except AttributeError:  # not Linux
         return False
+    except OSError as exc:
+        return None if exc.errno in _PASSING_ERRORS else False
     try:
         handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -609,8 +653,9 @@ def _unnamed_files_work(directory: Path) -> bool:
             os.close(handle)
         os.unlink(probe)
         return True
-    except OSError:
-        return False
+    except OSError as exc:
+        # The directory is there (the file was created in it): ENOENT means no /proc.
+        return None if exc.errno in _PASSING_ERRORS - {errno.ENOENT} else False
     finally:
         os.close(fd)
 
@@ -655,6 +700,7 @@ class _Spares:
         with self._lock:
             if directory == self._directory and len(self._fds) < self.SPARES:
                 self._fds.append(spare.fd)
+                spare.fd = None  # the list owns it now
                 return
         spare.discard()
 

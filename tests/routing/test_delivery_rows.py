@@ -100,6 +100,26 @@ class TestClaim:
         assert run.failed == delivery.BATCH_SIZE
         assert asked == ([node.pk] if asks else [])
 
+    def test_a_run_asks_again_only_once_the_run_it_asked_for_has_started(self, tmp_path):
+        node = make_node(port=1, max_associations=3)
+        pending(tmp_path, node, 3 * delivery.BATCH_SIZE)
+        asked = []
+        run = delivery.DeliveryRun(enqueue=asked.append)
+        delivery.claim(node.pk, run.holder)
+
+        delivery._ask_for_help(node, run)
+        delivery._ask_for_help(node, run)  # the task asked for has not started: no other
+        assert asked == [node.pk]
+
+        delivery.claim(node.pk, "the-run-asked-for")
+        delivery._ask_for_help(node, run)
+        delivery._ask_for_help(node, run)
+        assert asked == [node.pk, node.pk]
+
+        delivery.claim(node.pk, "a-third-run")  # three holders: as many as the node allows
+        delivery._ask_for_help(node, run)
+        assert asked == [node.pk, node.pk]
+
     def test_a_claim_short_of_a_batch_asks_for_no_other_run(self, tmp_path, node):
         pending(tmp_path, node, delivery.BATCH_SIZE - 1)
         asked = []

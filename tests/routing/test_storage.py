@@ -45,6 +45,18 @@ def every_file(config: StorageConfig) -> list[Path]:
     return sorted(p for p in config.data_dir.rglob("*") if p.is_file())
 
 
+def open_files(config: StorageConfig) -> int:
+    """This process's open descriptors, once the writers have opened their files ahead in
+    ``config``'s directory (a file without a name only shows as one)."""
+    from routing import storage
+
+    config.incoming_dir.mkdir(parents=True, exist_ok=True)
+    if storage._unnamed_files_work(config.incoming_dir):
+        while len(storage._spares._fds) < storage._Spares.SPARES:
+            storage._spares.refill(config.incoming_dir)
+    return len(os.listdir("/proc/self/fd"))
+
+
 def test_an_instance_being_stored_has_no_file_name_until_it_is_recorded(
         config, tmp_path, monkeypatch, temporary_files):
     from routing import storage
@@ -117,12 +129,14 @@ def test_a_write_that_fails_leaves_no_file_and_no_row(config, tmp_path, monkeypa
     def failing_fsync(fd):
         raise error
 
+    open_before = open_files(config)
     monkeypatch.setattr("routing.storage.os.fsync", failing_fsync)
 
     result = store_instance(path.read_bytes(), ORIGIN, config)
 
     assert result.status == status
     assert every_file(config) == []
+    assert open_files(config) == open_before
     assert not ReceivedInstance.objects.exists() and not ReceivedStudy.objects.exists()
 
 
@@ -132,12 +146,14 @@ def test_a_row_that_cannot_be_saved_leaves_no_file(config, tmp_path, monkeypatch
     def failing_cursor(*args, **kwargs):
         raise RuntimeError("database went away")
 
+    open_before = open_files(config)
     monkeypatch.setattr("routing.storage.sql.cursor", failing_cursor)
 
     result = store_instance(path.read_bytes(), ORIGIN, config)
 
     assert result.status == StoreStatus.CANNOT_WRITE
     assert every_file(config) == []
+    assert open_files(config) == open_before
     assert not ReceivedStudy.objects.exists()
 
 
@@ -158,8 +174,10 @@ def test_a_replacement_that_fails_at_the_last_step_leaves_the_previous_version_w
         raise OSError(errno.EIO, "I/O error")
 
     # The new file is in place; the directory cannot be made durable, so nothing commits.
+    open_before = open_files(config)
     monkeypatch.setattr("routing.storage._fsync_dir", failing_fsync_dir)
     result = store_instance(second.read_bytes(), ORIGIN, config)
+    assert open_files(config) == open_before
 
     assert result.status == StoreStatus.CANNOT_WRITE
     row = ReceivedInstance.objects.get()
@@ -252,3 +270,17 @@ def test_temporary_files_a_killed_process_left_are_removed_an_hour_later(config)
     assert remove_abandoned_incoming(config) == 1
 
     assert not abandoned.exists() and writing.exists()
+
+
+def test_a_directory_not_there_yet_does_not_settle_whether_unnamed_files_work(
+        tmp_path, temporary_files):
+    from routing.storage import _unnamed_files_work
+
+    if temporary_files == "named":
+        pytest.skip("probes the file system itself")
+    directory = tmp_path / "later"
+
+    assert _unnamed_files_work(directory) is False  # ENOENT: asked again next time
+    directory.mkdir()
+    assert _unnamed_files_work(directory) is True
+    assert list(directory.iterdir()) == []  # the probe's name is gone

@@ -461,6 +461,32 @@ def test_a_command_and_its_data_set_in_one_pdu_are_stored(storage_server, tmp_pa
     assert requests == [True]
 
 
+def test_a_data_set_whose_pdu_header_comes_in_pieces_is_stored_whole(storage_server, tmp_path):
+    from gateway.dimse import c_store_rq
+
+    path = sample_file("explicit", tmp_path)
+    assoc, context_id, meta = _established(storage_server.port, path)
+    command = c_store_rq(7, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, 0)
+    data = dataset_bytes(path)
+    third = len(data) // 3
+    sock = assoc.dul.socket.socket
+
+    # An empty P-DATA-TF first (nothing to read in it), then the request; the header of its
+    # second data PDU arrives in two pieces, so the gateway hands that PDU, in the middle of
+    # the data set, to pynetdicom's reader.
+    sock.sendall(_p_data_tf() + _p_data_tf(_pdv(context_id, 0x03, command))
+                 + _p_data_tf(_pdv(context_id, 0x00, data[:third])))
+    second = _p_data_tf(_pdv(context_id, 0x00, data[third:2 * third]))
+    sock.sendall(second[:3])
+    time.sleep(0.3)
+    sock.sendall(second[3:] + _p_data_tf(_pdv(context_id, 0x02, data[2 * third:])))
+    _, response = assoc.dimse.get_msg(block=True)  # DIMSE timeout: 30 s
+    assoc.release()
+
+    assert (response.MessageIDBeingRespondedTo, response.Status) == (7, 0x0000)
+    assert Path(ReceivedInstance.objects.get().path).read_bytes().endswith(data)
+
+
 @pytest.mark.parametrize("interruption", ["command", "other-context"])
 def test_a_data_set_interrupted_by_another_message_ends_only_that_association(
     storage_server, tmp_path, interruption
