@@ -61,10 +61,10 @@ def test_an_instance_being_stored_has_no_file_name_until_it_is_recorded(
         config, tmp_path, monkeypatch, temporary_files):
     from routing import storage
 
-    seen = []
+    seen = []  # the files there once the bytes are written and fsynced, before the move
     written = storage._written
     monkeypatch.setattr(storage, "_written", lambda future: (
-        seen.append(every_file(config)), written(future))[1])
+        written(future), seen.append(every_file(config)))[0])
     path = sample_file("explicit", tmp_path / "in")
 
     assert store_instance(path.read_bytes(), ORIGIN, config).ok
