@@ -380,8 +380,8 @@ def read_in_large_blocks(assoc) -> None:
 P_DATA_TF_TYPE = 0x04
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_LENGTH = struct.Struct(">L")
-# Events whose handlers expect the PDU to go through pynetdicom's decoder and state machine.
-_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+# Events whose handlers expect the PDU to go through pynetdicom's decoders and state machine.
+_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION, evt.EVT_DIMSE_RECV)
 
 
 def _read_data_directly(assoc) -> bool:
@@ -491,8 +491,7 @@ def _receive_store_request(assoc, values: list) -> bool | None:
     dimse = assoc.dimse
     incoming = getattr(assoc, "_incoming_store", None)
     if incoming is None:
-        if (dimse.message is not None or assoc.get_handlers(evt.EVT_DIMSE_RECV)
-                or pynetdicom._config.STORE_RECV_CHUNKED_DATASET):
+        if dimse.message is not None or pynetdicom._config.STORE_RECV_CHUNKED_DATASET:
             return False
         context_id, item = values[0]
         if item[0] != COMMAND_FRAGMENT | LAST_FRAGMENT or len(values) > 1 and any(
@@ -566,8 +565,7 @@ def _queue_store_response(assoc, values: list) -> bool:
     ``receive_primitive`` would put it, without decoding the command set through pydicom
     (~120 us of the worker's CPU per instance sent); False, having done nothing, otherwise."""
     dimse = assoc.dimse
-    if (len(values) != 1 or dimse.message is not None
-            or assoc.get_handlers(evt.EVT_DIMSE_RECV)):
+    if len(values) != 1 or dimse.message is not None:
         return False
     context_id, item = values[0]
     if item[0] != COMMAND_FRAGMENT | LAST_FRAGMENT:

@@ -56,7 +56,6 @@ OUTCOME_SECONDS = 1.0
 GATHER_BELOW = 8
 GATHER_SECONDS = 0.05
 
-
 Enqueue = Callable[[int], None]
 
 
