@@ -511,11 +511,8 @@ def _receive_store_request(assoc, values: list) -> bool | None:
         incoming.fragments.append(item[1:])
         if last:
             assoc._incoming_store = None
-            primitive = incoming.primitive
-            primitive.DataSet = BytesIO(b"".join(incoming.fragments))
-            primitive._context_id = incoming.context_id
-            primitive._dataset_path = primitive._dataset_file = None
-            dimse.msg_queue.put((incoming.context_id, primitive))
+            incoming.primitive.DataSet = BytesIO(b"".join(incoming.fragments))
+            _queue(dimse, incoming.context_id, incoming.primitive)
             return True
     assoc._incoming_store = incoming
     return True
@@ -573,9 +570,15 @@ def _queue_store_response(assoc, values: list) -> bool:
     primitive = store_response(item[1:])
     if primitive is None:
         return False
+    _queue(dimse, context_id, primitive)
+    return True
+
+
+def _queue(dimse, context_id: int, primitive: C_STORE) -> None:
+    """Put a complete message on the DIMSE queue as ``receive_primitive`` would, with the
+    context ID ``message_to_primitive`` sets (a new C_STORE has no data set file already)."""
     primitive._context_id = context_id
     dimse.msg_queue.put((context_id, primitive))
-    return True
 
 
 def store_response(command: memoryview | bytes) -> C_STORE | None:
@@ -608,7 +611,6 @@ def store_response(command: memoryview | bytes) -> C_STORE | None:
             primitive.ErrorComment = texts[0x0902]
     except (TypeError, ValueError):  # as pynetdicom would refuse it, let it
         return None
-    primitive._dataset_path = primitive._dataset_file = None
     return primitive
 
 

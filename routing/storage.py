@@ -640,7 +640,7 @@ def _unnamed_files_work(directory: Path) -> bool:
 def _probe_unnamed_files(directory: Path) -> bool | None:
     probe = directory / f".probe-{os.getpid()}-{time.monotonic_ns()}.part"
     try:
-        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        fd = _open_unnamed(directory)
     except AttributeError:  # not Linux
         return False
     except OSError as exc:
@@ -660,9 +660,13 @@ def _probe_unnamed_files(directory: Path) -> bool | None:
         os.close(fd)
 
 
+def _open_unnamed(directory: Path) -> int:
+    return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+
+
 def _new_temp(directory: Path) -> _TempFile:
     if _unnamed_files_work(directory):
-        return _TempFile(fd=os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        return _TempFile(fd=_open_unnamed(directory))
     fd, path = tempfile.mkstemp(dir=directory, suffix=".part")
     return _TempFile(fd=fd, path=path)
 
