@@ -266,6 +266,39 @@ def send_stores_directly(assoc) -> None:
     dimse.send_msg = send
 
 
+# The priority Association.send_c_store gives by default (PS3.7 9.1.1.1.7: 0x0002 LOW).
+LOW = 0x0002
+
+
+def store_file(assoc, context_id: int, message_id: int, sop_class: str, sop_instance: str,
+               path: Path, offset: int) -> tuple[bool, C_STORE | None]:
+    """Send a C-STORE request for the data set at ``offset`` in the file ``path`` and wait
+    for its response, as ``Association.send_c_store`` does with a file on an association of
+    :func:`send_stores_directly` and :func:`leave_responses_to_the_sender`, without what it
+    spends ~0.3 ms of CPU on per instance: reading the file meta through pydicom, building
+    the request primitive, turning the response into a Dataset. The caller has read the
+    UIDs, the offset and the context.
+
+    Returns (sent, response): sent False, having done nothing, while the DUL has something
+    queued (pynetdicom's send then goes after it); response None when none came within the
+    DIMSE timeout or it was not a valid C-STORE response: the association is then aborted,
+    as pynetdicom does. A failed write raises :class:`ConnectionBroken`, the connection
+    closed."""
+    sock = _writable(assoc)
+    if sock is None:
+        return False, None
+    command = c_store_rq(message_id, sop_class, sop_instance, LOW)
+    dimse = assoc.dimse
+    _write_or_close(assoc, lambda: write_file_message(
+        sock, context_id, dimse.maximum_pdu_size, command, path, offset))
+    _context_id, response = dimse.get_msg(block=True)
+    if type(response) is not C_STORE or not response.is_valid_response:
+        if assoc.is_established:
+            assoc.abort()
+        return True, None
+    return True, response
+
+
 # Requestor associations whose reactor thread leaves every message to the sender.
 _SENDERS_ONLY: weakref.WeakSet = weakref.WeakSet()
 

@@ -257,23 +257,55 @@ def record_delivered(delivery_ids: list[int], holder: str, now: datetime | None 
     instance did arrive); never touches a row another holder has claimed since. Returns how
     many rows changed. One audit event covers the group (``node`` names where it went)."""
     now = now or timezone.now()
-    mine = Q(status=DeliveryStatus.SENDING, claimed_by=holder)
-    taken_back = Q(status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED])
     with transaction.atomic():
-        rows = Delivery.objects.filter(mine | taken_back, pk__in=delivery_ids)
-        ids = sorted(rows.select_for_update().values_list("pk", flat=True))
-        changed = Delivery.objects.filter(pk__in=ids).update(
-            status=DeliveryStatus.DELIVERED,
-            delivered_at=now,
-            last_error="",
-            updated_at=now,
-            claimed_at=None,
-            claimed_by="",
-            attempts=F("attempts") + 1,
+        if connection.vendor == "postgresql":
+            with sql.cursor() as cursor:
+                cursor.execute(_delivered_sql(), {
+                    "ids": list(delivery_ids), "holder": holder, "now": now,
+                    "sending": DeliveryStatus.SENDING.value,
+                    "pending": DeliveryStatus.PENDING.value,
+                    "failed": DeliveryStatus.FAILED.value,
+                    "delivered": DeliveryStatus.DELIVERED.value})
+                ids = [pk for (pk,) in cursor.fetchall()]
+        else:
+            mine = Q(status=DeliveryStatus.SENDING, claimed_by=holder)
+            taken_back = Q(status__in=[DeliveryStatus.PENDING, DeliveryStatus.FAILED])
+            rows = Delivery.objects.filter(mine | taken_back, pk__in=delivery_ids)
+            ids = sorted(rows.select_for_update().values_list("pk", flat=True))
+            Delivery.objects.filter(pk__in=ids).update(
+                status=DeliveryStatus.DELIVERED,
+                delivered_at=now,
+                last_error="",
+                updated_at=now,
+                claimed_at=None,
+                claimed_by="",
+                attempts=F("attempts") + 1,
+            )
+        if ids:
+            audit.record("delivery.delivered", node, {"count": len(ids), "deliveries": ids})
+    return len(ids)
+
+
+@functools.cache
+def _delivered_sql() -> str:
+    """:func:`record_delivered` on PostgreSQL in one statement instead of two ORM ones (their
+    compilation cost the worker more CPU than the rest of recording a group): the rows
+    locked in id order (as another holder or the sweep would lock them), then updated."""
+    qn = connection.ops.quote_name
+    delivery = qn(Delivery._meta.db_table)
+    return f"""
+        WITH locked AS (
+            SELECT id FROM {delivery} WHERE id = ANY(%(ids)s)
+            AND ((status = %(sending)s AND claimed_by = %(holder)s)
+                 OR status IN (%(pending)s, %(failed)s))
+            ORDER BY id FOR UPDATE
+        ), changed AS (
+            UPDATE {delivery} AS d SET status = %(delivered)s, delivered_at = %(now)s,
+                last_error = '', updated_at = %(now)s, claimed_at = NULL, claimed_by = '',
+                attempts = d.attempts + 1
+            FROM locked WHERE d.id = locked.id RETURNING d.id
         )
-        if changed:
-            audit.record("delivery.delivered", node, {"count": changed, "deliveries": ids})
-    return changed
+        SELECT id FROM changed ORDER BY id"""
 
 
 def record_failure(delivery_id: int, holder: str, error: str, now: datetime | None = None) -> str:

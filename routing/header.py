@@ -239,7 +239,10 @@ def _element_at(data: bytes, pos: int, end: int) -> tuple[int, str, int, int] | 
     return group << 16 | elem, name, start, length
 
 
-def _scan(data: bytes) -> Scan | None:
+def part10_meta(data: bytes) -> tuple[dict[int, tuple[str, bytes]], int] | None:
+    """The file meta elements (tag → (VR, value bytes)) of a Part 10 encoding, or of its
+    beginning, and where its data set starts; None when the meta is not plain explicit VR
+    little endian or not all in ``data``."""
     end = len(data)
     if end < 132 or data[128:132] != b"DICM":
         return None
@@ -256,6 +259,27 @@ def _scan(data: bytes) -> Scan | None:
         if length == _UNDEFINED or pos > end:
             return None
         meta[tag] = (name, data[start:pos])
+    else:
+        return None  # the data set's first element is not in data
+    return meta, pos
+
+
+def plain_uid(elements: dict[int, tuple[str, bytes | None]], tag: int) -> str | None:
+    """The value of a UI element of :func:`part10_meta` or :class:`Scan` as pydicom reads it,
+    when it is one plain UID; None when it is missing, not a UI, empty or anything else."""
+    found = elements.get(tag)
+    if found is None or found[0] != "UI" or found[1] is None:
+        return None
+    text = found[1].decode("latin-1").rstrip("\0 ")
+    return text if _PLAIN_UID.match(text) else None
+
+
+def _scan(data: bytes) -> Scan | None:
+    found = part10_meta(data)
+    if found is None:
+        return None
+    meta, pos = found
+    end = len(data)
     syntax = meta.get(0x00020010)
     if syntax is None:
         return None
@@ -391,11 +415,7 @@ class ReceivedDataSet:
         :attr:`dataset`."""
         if self._scan is None:
             return None
-        found = (self._scan.meta if tag >> 16 == 2 else self._scan.elements).get(tag)
-        if found is None or found[0] != "UI" or found[1] is None:
-            return None
-        text = found[1].decode("latin-1").rstrip("\0 ")
-        return text if _PLAIN_UID.match(text) else None
+        return plain_uid(self._scan.meta if tag >> 16 == 2 else self._scan.elements, tag)
 
     @cached_property
     def header(self) -> dict:

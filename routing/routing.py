@@ -135,9 +135,18 @@ def decide(rules: list[Rule], facts: Facts, quiet_for: float) -> Decision:
         if rule.mode == RoutingMode.STUDY and quiet_for < rule.study_quiet_seconds:
             waiting = True
             continue
-        for node in rule.destinations.all():
-            decided.setdefault(node.pk, rule)
+        for node_id in _destination_ids(rule):
+            decided.setdefault(node_id, rule)
     return Decision(RoutingStatus.PENDING if waiting else RoutingStatus.ROUTED, decided)
+
+
+def _destination_ids(rule: Rule) -> list[int]:
+    """The rule's destination node ids, read from its prefetched destinations once: building
+    the related manager per instance cost the storage SCP ~0.1 ms of CPU per C-STORE."""
+    ids = rule.__dict__.get("_destination_ids")
+    if ids is None:
+        ids = rule.__dict__["_destination_ids"] = [node.pk for node in rule.destinations.all()]
+    return ids
 
 
 def _delivery_row(instance_id: int, version: int, node_id: int, rule: Rule,

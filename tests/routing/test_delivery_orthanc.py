@@ -5,6 +5,7 @@ copy, and every kind of failure leaves a row a person can read."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from datetime import timedelta
 from io import BytesIO
@@ -29,6 +30,7 @@ from tests.fixtures_pacs import (
     make_delivery,
     make_instance,
     make_node,
+    wait_until,
     write_copy,
 )
 
@@ -187,6 +189,103 @@ def test_no_pdu_is_longer_than_the_pacs_accepts(tmp_path, monkeypatch):
     for instance in instances:
         assert (seen["data_sets"][instance.sop_instance_uid]
                 == dataset_bytes(Path(instance.path), tmp_path))
+
+
+def recording_pacs(on_store=None):
+    """A pynetdicom storage SCP that keeps what identifies each C-STORE request it receives
+    (message ID, priority, SOP class and instance, move originator, data set) and whether an
+    association was aborted; ``on_store`` may delay the answer."""
+    seen: dict = {"requests": [], "aborted": []}
+
+    def store(event):
+        r = event.request
+        seen["requests"].append((r.MessageID, r.Priority, str(r.AffectedSOPClassUID),
+                                 str(r.AffectedSOPInstanceUID),
+                                 r.MoveOriginatorApplicationEntityTitle,
+                                 r.DataSet.getvalue()))
+        if on_store:
+            on_store(event)
+        return 0x0000
+
+    ae = AE(ae_title="RECORDING")
+    ae.add_supported_context(CTImageStorage, scu.UNCOMPRESSED)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, store), (evt.EVT_ABORTED, lambda e: seen["aborted"].append(True))])
+    return server, port, seen
+
+
+def test_a_file_goes_with_the_request_pynetdicom_would_send(tmp_path, monkeypatch):
+    sent_directly = []
+    store_file = scu.store_file
+    monkeypatch.setattr(scu, "store_file",
+                        lambda *args: sent_directly.append(args[5]) or store_file(*args))
+    server, port, seen = recording_pacs()
+    instance = make_instance(tmp_path)
+    path = Path(instance.path)
+    try:
+        dest = scu.Destination("RECORDING", "RECORDING", "127.0.0.1", port)
+        with scu.StoreAssociation(dest, "GATEWAY", {CTImageStorage: list(scu.UNCOMPRESSED)}
+                                  ) as assoc:
+            result = assoc.store(path, instance.sop_class_uid, instance.transfer_syntax_uid, [])
+        ae = AE(ae_title="GATEWAY")
+        ae.add_requested_context(CTImageStorage, instance.transfer_syntax_uid)
+        reference = ae.associate("127.0.0.1", port, ae_title="RECORDING")
+        status = reference.send_c_store(path, msg_id=1).Status
+        reference.release()
+    finally:
+        server.shutdown()
+
+    assert (result.stored, status, sent_directly) == (True, 0x0000, [path])
+    ours, pynetdicoms = seen["requests"]
+    assert ours == pynetdicoms
+    assert ours[5] == dataset_bytes(path, tmp_path)
+
+
+def test_a_file_with_a_long_file_meta_is_sent_whole(tmp_path):
+    """Its meta does not fit in what is read ahead of sending: pynetdicom reads it."""
+    server, port, seen = recording_pacs()
+    instance = make_instance(tmp_path)
+    ds = dcmread(instance.path)
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.10.1"
+    ds.file_meta.PrivateInformation = b"\x01" * (2 * scu.FILE_HEAD)
+    ds.save_as(instance.path, enforce_file_format=True)
+    try:
+        node = make_node(ae_title="RECORDING", port=port)
+        make_delivery(instance, node)
+
+        run = delivery.deliver_to_node(node.pk)
+    finally:
+        server.shutdown()
+
+    assert (run.errors, run.delivered) == ([], 1)
+    ((_, _, _, sop_instance, _, data_set),) = seen["requests"]
+    assert (sop_instance, data_set) == (
+        instance.sop_instance_uid, dataset_bytes(Path(instance.path), tmp_path))
+
+
+def test_a_pacs_that_does_not_answer_in_time_gets_the_instance_again_later(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(scu, "DIMSE_TIMEOUT", 0.5)
+    answer = threading.Event()
+    server, port, seen = recording_pacs(lambda event: answer.wait(10))
+    try:
+        node = make_node(ae_title="RECORDING", port=port)
+        make_delivery(make_instance(tmp_path), node)
+
+        run = delivery.deliver_to_node(node.pk)
+        answer.set()
+        wait_until(lambda: seen["aborted"], 10, "the association to be aborted")
+    finally:
+        answer.set()
+        server.shutdown()
+
+    assert run.delivered == 0
+    (row,) = rows(node)
+    assert (row.status, row.attempts, row.last_error) == (
+        DeliveryStatus.FAILED, 1, "no C-STORE response from PACS1 (association aborted "
+        "or timed out after 0.5 s)")
+    assert row.next_attempt_at > timezone.now()
 
 
 def test_a_pacs_that_drops_the_connection_mid_instance_gets_it_again_later(tmp_path):

@@ -198,6 +198,41 @@ class TestOutcome:
         row.refresh_from_db()
         assert (row.status, row.claimed_by, row.attempts) == (DeliveryStatus.SENDING, "holder-a", 0)
 
+    def test_a_delivered_group_is_recorded_with_one_audit_event(self, tmp_path, node):
+        rows = pending(tmp_path, node, 3, attempts=1)
+        delivery.claim(node.pk, "holder-a")
+        now = timezone.now()
+
+        changed = delivery.record_delivered([r.pk for r in reversed(rows)], "holder-a", now,
+                                            node=node)
+
+        assert changed == 3
+        assert {(d.status, d.attempts, d.delivered_at, d.claimed_by, d.claimed_at)
+                for d in refresh(rows)} == {(DeliveryStatus.DELIVERED, 2, now, "", None)}
+        (event,) = AuditEvent.objects.filter(action="delivery.delivered")
+        assert (event.object_id, event.detail) == (
+            str(node.pk), {"count": 3, "deliveries": [r.pk for r in rows]})
+
+    def test_a_delivery_the_sweep_took_back_meanwhile_is_still_recorded(self, tmp_path, node):
+        rows = pending(tmp_path, node, 2)
+        delivery.claim(node.pk, "holder-a")
+        Delivery.objects.filter(pk=rows[0].pk).update(
+            status=DeliveryStatus.PENDING, claimed_by="", claimed_at=None)
+
+        assert delivery.record_delivered([r.pk for r in rows], "holder-a") == 2
+        assert {d.status for d in refresh(rows)} == {DeliveryStatus.DELIVERED}
+
+    def test_a_delivery_another_holder_claimed_since_is_left_to_it(self, tmp_path, node):
+        rows = pending(tmp_path, node, 2)
+        delivery.claim(node.pk, "holder-a")
+        Delivery.objects.filter(pk=rows[0].pk).update(claimed_by="holder-b")
+        Delivery.objects.filter(pk=rows[1].pk).update(status=DeliveryStatus.DEAD)
+
+        assert delivery.record_delivered([r.pk for r in rows], "holder-a") == 0
+        assert [(d.status, d.claimed_by, d.attempts) for d in refresh(rows)] == [
+            (DeliveryStatus.SENDING, "holder-b", 0), (DeliveryStatus.DEAD, "holder-a", 0)]
+        assert not AuditEvent.objects.filter(action="delivery.delivered").exists()
+
     def test_a_delivery_for_an_older_version_is_superseded(self, tmp_path, node):
         (row,) = pending(tmp_path, node, 1)
         ReceivedInstance.objects.filter(pk=row.instance_id).update(version=2)
