@@ -286,6 +286,32 @@ def test_a_message_wakes_its_receiver_even_when_the_reactor_waited_first(monkeyp
     assert received == [(1, "C-STORE-RSP")]
 
 
+def test_what_another_thread_queues_for_the_dul_wakes_it(monkeypatch):
+    """With the DUL threads' waits as long as the test's timeouts, a C-ECHO (queued for the
+    DUL by the requesting thread), the release and the end of both threads still happen:
+    each of them wakes the DUL thread that must act on it."""
+    from pynetdicom.sop_class import Verification
+
+    dimse.install_prompt_waits()
+    monkeypatch.setattr(dimse, "DUL_IDLE_WAIT", 30.0)
+    scp = AE(ae_title="ECHOSCP")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", 0), block=False)
+    try:
+        ae = AE(ae_title="ECHOSCU")
+        ae.acse_timeout = ae.dimse_timeout = 5
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="ECHOSCP")
+        status = assoc.send_c_echo().Status
+        assoc.release()
+        assoc.join(timeout=5)
+        outcome = (status, assoc.is_released, assoc.is_alive(), assoc.dul.is_alive())
+    finally:
+        server.shutdown()
+
+    assert outcome == (0x0000, True, False, False)
+
+
 # --- Reading ---------------------------------------------------------------------------------
 
 
