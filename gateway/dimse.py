@@ -11,11 +11,12 @@ So, on the same associations and with pynetdicom doing everything else (negotiat
 messages, timeouts, release, abort):
 
 - :func:`install_prompt_waits`: the two threads' polling sleeps end as soon as there is
-  something to do (the DUL thread waits for the socket to become readable or for another
-  thread to queue something for it, the association thread for a message in its queue). Where
-  nothing else can need them, they last longer than pynetdicom's 1 ms, which cost ~3% of a
-  core per thread of an idle association: the DUL's up to DUL_IDLE_WAIT (only its timers
-  wait for that), the reactor of an association that only sends requests SENDER_REACTOR_WAIT.
+  something to do (the DUL thread waits for the socket to become readable, the association
+  thread for a message in its queue). Where nothing else can need them, they last longer than
+  pynetdicom's 1 ms, each of which cost ~3% of a core per thread of an idle association: an
+  idle DUL thread waits until another thread queues something for it (only its timers wait
+  up to DUL_IDLE_WAIT), the reactor of an association that only sends requests polls every
+  SENDER_REACTOR_WAIT.
 - :func:`send_stores_directly`: every C-STORE request of a sending association goes to the
   socket in P-DATA-TF PDUs built here, a block of them per system call: a file's tail straight
   from disk (:func:`write_file_message`), a data set pynetdicom encoded from memory
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import socket
 import ssl
@@ -683,32 +685,56 @@ def _text_value(value: bytes) -> str | None:
 # --- Waiting ------------------------------------------------------------------------------
 
 
-# How long the DUL thread's wait lasts when nothing wakes it (timers: ARTIM, PS3.8 9.1.5),
-# and the reactor of an association that only sends requests (release, abort, idle timeout).
+# The DUL thread polls every 1 ms, as pynetdicom asks, while another thread has queued
+# something for it within DUL_BUSY_WINDOW (a C-FIND's responses: each 1 ms poll sends what
+# has queued meanwhile, where a wake per response would cost more); once it has been idle
+# that long, it waits until woken, or DUL_IDLE_WAIT for its timers (ARTIM, PS3.8 9.1.5).
+# The reactor of an association that only sends requests polls every SENDER_REACTOR_WAIT.
+DUL_BUSY_WINDOW = 0.05
 DUL_IDLE_WAIT = 0.05
 SENDER_REACTOR_WAIT = 0.02
 
 
 class _Waker:
-    """An eventfd the DUL thread's wait watches beside the socket: written when another
-    thread queues something for the DUL. Closed by the DUL thread as it ends, after
-    which a wake is a no-op (never a write to a reused descriptor number)."""
+    """What lets the DUL thread of an idle association wait without polling: an eventfd it
+    watches beside the socket, written when another thread queues something for it while it
+    waits so. Closed by the DUL thread as it ends, after which a wake is a no-op (never a
+    write to a reused descriptor number)."""
 
-    def __init__(self) -> None:
+    def __init__(self, queues: tuple[queue.Queue, ...]) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
+        self._queues = queues
         self.closed = False
+        self.waiting = False
+        self.last_put = 0.0
 
-    def wake(self) -> None:
-        with self._lock:
-            if not self.closed:
-                os.eventfd_write(self.fd, 1)
+    def put(self, put, item, block: bool, timeout: float | None) -> None:
+        """``put`` from another thread than the DUL's: then wake it if it waits."""
+        put(item, block, timeout)
+        self.last_put = time.monotonic()
+        if self.waiting:
+            with self._lock:
+                if not self.closed:
+                    os.eventfd_write(self.fd, 1)
 
-    def clear(self) -> None:
+    def wait(self, sock) -> None:
+        """The DUL thread's sleep once idle: until the socket is readable, something is
+        queued, or DUL_IDLE_WAIT."""
+        # Flag first, queues second; a put queues first, reads the flag second: either this
+        # sees the item or the put sees the flag.
+        self.waiting = True
         try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
+            if any(q.qsize() for q in self._queues):
+                return
+            readable, _, _ = select.select([sock, self.fd], [], [], DUL_IDLE_WAIT)
+        finally:
+            self.waiting = False
+        if self.fd in readable:
+            try:
+                os.eventfd_read(self.fd)
+            except BlockingIOError:
+                pass
 
     def close(self) -> None:
         with self._lock:
@@ -724,13 +750,14 @@ class _Waker:
 
 
 def _waking(put, waker: _Waker, dul: DULServiceProvider):
-    """``put`` of one of the DUL's queues, waking the DUL thread when another thread puts:
-    its own puts (an event per PDU it reads) are seen before it waits again."""
+    """``put`` of one of the DUL's queues: the DUL thread's own puts (an event per PDU it
+    reads) are seen before it waits again; another thread's go through the waker."""
 
     def waking_put(item, block: bool = True, timeout: float | None = None) -> None:
-        put(item, block, timeout)
-        if threading.get_ident() != dul.ident:
-            waker.wake()
+        if threading.get_ident() == dul.ident:
+            put(item, block, timeout)
+        else:
+            waker.put(put, item, block, timeout)
 
     return waking_put
 
@@ -751,16 +778,10 @@ class _PromptClock:
             waker = thread.__dict__.get("_waker")
             if sock is not None:
                 try:
-                    if waker is None:
+                    if waker is None or time.monotonic() - waker.last_put < DUL_BUSY_WINDOW:
                         select.select([sock], [], [], seconds)
-                        return
-                    # What the DUL reacts to wakes it: data or a closed connection on the
-                    # socket, a primitive or an event queued by another thread. Its timers
-                    # (and a stop while the connection is still open, which pynetdicom does
-                    # not do) wait up to DUL_IDLE_WAIT.
-                    readable, _, _ = select.select([sock, waker.fd], [], [], DUL_IDLE_WAIT)
-                    if waker.fd in readable:
-                        waker.clear()
+                    else:
+                        waker.wait(sock)
                     return
                 except (OSError, ValueError):  # closed meanwhile
                     pass
@@ -787,11 +808,12 @@ class _PromptClock:
 def _prompt_dul_init(init):
     def __init__(self, *args, **kwargs) -> None:
         init(self, *args, **kwargs)
-        waker = self.__dict__["_waker"] = _Waker() if hasattr(os, "eventfd") else None
-        if waker is not None:
-            for name in ("to_provider_queue", "event_queue"):
-                queue_ = getattr(self, name)
-                queue_.put = _waking(queue_.put, waker, self)
+        if not hasattr(os, "eventfd"):
+            return
+        queues = (self.to_provider_queue, self.event_queue)
+        waker = self.__dict__["_waker"] = _Waker(queues)
+        for queue_ in queues:
+            queue_.put = _waking(queue_.put, waker, self)
 
     return __init__
 
