@@ -287,12 +287,13 @@ def test_a_message_wakes_its_receiver_even_when_the_reactor_waited_first(monkeyp
 
 
 def test_what_another_thread_queues_for_the_dul_wakes_it(monkeypatch):
-    """With the DUL threads' waits as long as the test's timeouts, a C-ECHO (queued for the
-    DUL by the requesting thread), the release and the end of both threads still happen:
-    each of them wakes the DUL thread that must act on it."""
+    """With the DUL threads always idle and their waits as long as the test's timeouts, a
+    C-ECHO (queued for the DUL by the requesting thread), the release and the end of both
+    threads still happen: each of them wakes the DUL thread that must act on it."""
     from pynetdicom.sop_class import Verification
 
     dimse.install_prompt_waits()
+    monkeypatch.setattr(dimse, "DUL_BUSY_WINDOW", 0.0)
     monkeypatch.setattr(dimse, "DUL_IDLE_WAIT", 30.0)
     scp = AE(ae_title="ECHOSCP")
     scp.add_supported_context(Verification)
