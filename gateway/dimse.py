@@ -294,18 +294,52 @@ def store_file(assoc, context_id: int, message_id: int, sop_class: str, sop_inst
         return False, None
     command = c_store_rq(message_id, sop_class, sop_instance, LOW)
     dimse = assoc.dimse
-    _write_or_close(assoc, lambda: write_file_message(
-        sock, context_id, dimse.maximum_pdu_size, command, path, offset))
-    _context_id, response = dimse.get_msg(block=True)
+    sender = _SENDERS_ONLY[assoc]
+    # pynetdicom pauses the reactor meanwhile; this one runs on, but its network idle timer,
+    # which only a PDU received restarts, must not expire while a long data set is written
+    # or a slow PACS stores it: the DIMSE timeout bounds that wait.
+    sender.outstanding += 1
+    try:
+        _write_or_close(assoc, lambda: write_file_message(
+            sock, context_id, dimse.maximum_pdu_size, command, path, offset))
+        _context_id, response = dimse.get_msg(block=True)
+    finally:
+        sender.outstanding -= 1
+    if response is None:
+        assoc._handle_no_response()  # as send_c_store: abort unless already ended
+        return True, None
     if type(response) is not C_STORE or not response.is_valid_response:
-        if assoc.is_established:
-            assoc.abort()
+        logger.error("invalid response to a C-STORE request; aborting the association")
+        assoc.abort()
         return True, None
     return True, response
 
 
+class _Sender:
+    """A sending association's state here: requests waiting for their response, and what
+    wakes its reactor's wait when pynetdicom pauses it (``_Checkpoint``)."""
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.wake = threading.Event()
+
+
+class _Checkpoint(threading.Event):
+    """``Association._reactor_checkpoint`` of a sending association: clearing it (pausing
+    the reactor, which send_c_store and release() then wait for) also wakes the reactor."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self.set()
+        self._wake = wake
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake.set()
+
+
 # Requestor associations whose reactor thread leaves every message to the sender.
-_SENDERS_ONLY: weakref.WeakSet = weakref.WeakSet()
+_SENDERS_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def leave_responses_to_the_sender(assoc) -> None:
@@ -327,7 +361,10 @@ def leave_responses_to_the_sender(assoc) -> None:
         return get_msg(block=block)
 
     dimse.get_msg = get
-    _SENDERS_ONLY.add(assoc)
+    sender = _SENDERS_ONLY[assoc] = _Sender()
+    assoc._reactor_checkpoint = _Checkpoint(sender.wake)
+    idle_timer_expired = assoc.dul.idle_timer_expired
+    assoc.dul.idle_timer_expired = lambda: not sender.outstanding and idle_timer_expired()
 
 
 def answer_stores_directly(assoc) -> None:
@@ -727,10 +764,14 @@ class _Waker:
         try:
             if any(q.qsize() for q in self._queues):
                 return
-            readable, _, _ = select.select([sock, self.fd], [], [], DUL_IDLE_WAIT)
+            # poll, not select: a descriptor number above FD_SETSIZE is no error.
+            waiting = select.poll()
+            waiting.register(sock, select.POLLIN)
+            waiting.register(self.fd, select.POLLIN)
+            ready = waiting.poll(DUL_IDLE_WAIT * 1000)
         finally:
             self.waiting = False
-        if self.fd in readable:
+        if any(fd == self.fd for fd, _ in ready):
             try:
                 os.eventfd_read(self.fd)
             except BlockingIOError:
@@ -786,11 +827,14 @@ class _PromptClock:
                 except (OSError, ValueError):  # closed meanwhile
                     pass
         elif isinstance(thread, Association) and seconds == REACTOR_DELAY:
-            if thread in _SENDERS_ONLY:
+            sender = _SENDERS_ONLY.get(thread)
+            if sender is not None:
                 # It never takes a message (its sender does, woken by the queue itself), and
                 # an abort or a closed connection wakes the sender with (None, None): it only
-                # has to notice a release or an idle timeout, and to pause for release().
-                time.sleep(SENDER_REACTOR_WAIT)
+                # has to notice a release or an idle timeout, and to pause when asked, at once.
+                sender.wake.clear()
+                if thread._reactor_checkpoint.is_set():
+                    sender.wake.wait(SENDER_REACTOR_WAIT)
                 return
             messages = thread.dimse.msg_queue
             with messages.not_empty:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from django.db import connection
 from django.utils import timezone
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
@@ -215,11 +216,17 @@ def recording_pacs(on_store=None):
     return server, port, seen
 
 
-def test_a_file_goes_with_the_request_pynetdicom_would_send(tmp_path, monkeypatch):
-    sent_directly = []
+def sent_by_store_file(monkeypatch) -> list[Path]:
+    """The files the gateway sent with its own C-STORE request (not pynetdicom's)."""
+    sent: list[Path] = []
     store_file = scu.store_file
     monkeypatch.setattr(scu, "store_file",
-                        lambda *args: sent_directly.append(args[5]) or store_file(*args))
+                        lambda *args: sent.append(args[5]) or store_file(*args))
+    return sent
+
+
+def test_a_file_goes_with_the_request_pynetdicom_would_send(tmp_path, monkeypatch):
+    sent_directly = sent_by_store_file(monkeypatch)
     server, port, seen = recording_pacs()
     instance = make_instance(tmp_path)
     path = Path(instance.path)
@@ -267,11 +274,13 @@ def test_a_file_with_a_long_file_meta_is_sent_whole(tmp_path):
 def test_a_pacs_that_does_not_answer_in_time_gets_the_instance_again_later(
         tmp_path, monkeypatch):
     monkeypatch.setattr(scu, "DIMSE_TIMEOUT", 0.5)
+    sent = sent_by_store_file(monkeypatch)
     answer = threading.Event()
     server, port, seen = recording_pacs(lambda event: answer.wait(10))
     try:
         node = make_node(ae_title="RECORDING", port=port)
-        make_delivery(make_instance(tmp_path), node)
+        instance = make_instance(tmp_path)
+        make_delivery(instance, node)
 
         run = delivery.deliver_to_node(node.pk)
         answer.set()
@@ -280,12 +289,61 @@ def test_a_pacs_that_does_not_answer_in_time_gets_the_instance_again_later(
         answer.set()
         server.shutdown()
 
-    assert run.delivered == 0
+    assert (run.delivered, sent) == (0, [Path(instance.path)])
     (row,) = rows(node)
     assert (row.status, row.attempts, row.last_error) == (
         DeliveryStatus.FAILED, 1, "no C-STORE response from PACS1 (association aborted "
         "or timed out after 0.5 s)")
     assert row.next_attempt_at > timezone.now()
+
+
+def test_a_pacs_slower_to_answer_than_the_network_timeout_still_gets_the_instance(
+        tmp_path, monkeypatch):
+    """The network timeout (no PDU received for that long) ends an idle association, not one
+    waiting for its C-STORE response: the DIMSE timeout bounds that."""
+    monkeypatch.setattr(scu, "NETWORK_TIMEOUT", 0.3)
+    sent = sent_by_store_file(monkeypatch)
+    server, port, seen = recording_pacs(lambda event: time.sleep(1.0))
+    try:
+        node = make_node(ae_title="RECORDING", port=port)
+        instance = make_instance(tmp_path)
+        make_delivery(instance, node)
+
+        run = delivery.deliver_to_node(node.pk)
+    finally:
+        server.shutdown()
+
+    assert (run.errors, run.delivered, sent, seen["aborted"]) == (
+        [], 1, [Path(instance.path)], [])
+
+
+@pytest.mark.django_db(transaction=True)  # the rows are read by the sending thread
+def test_a_sending_association_pauses_at_once_for_pynetdicom(tmp_path, monkeypatch):
+    """A coerced copy goes through pynetdicom's send_c_store, which (as release() does)
+    waits for the association's reactor to pause: asking wakes the reactor's wait, else
+    the send would wait out the test."""
+    monkeypatch.setattr(dimse, "SENDER_REACTOR_WAIT", 60.0)
+    server, port, seen = recording_pacs()
+    try:
+        node = make_node(ae_title="RECORDING", port=port)
+        make_delivery(make_instance(tmp_path), node,
+                      coerce=[{"attribute": "InstitutionName", "action": "set", "value": "X"}])
+        runs: list = []
+
+        def send() -> None:
+            try:
+                runs.append(delivery.deliver_to_node(node.pk))
+            finally:
+                connection.close()
+
+        sending = threading.Thread(target=send, daemon=True)
+        sending.start()
+        sending.join(timeout=20)
+    finally:
+        server.shutdown()
+
+    assert [(r.errors, r.delivered) for r in runs] == [([], 1)]
+    assert dcmread(BytesIO(seen["requests"][0][5]), force=True).InstitutionName == "X"
 
 
 def test_a_pacs_that_drops_the_connection_mid_instance_gets_it_again_later(tmp_path):
