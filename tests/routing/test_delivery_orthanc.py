@@ -216,6 +216,21 @@ def recording_pacs(on_store=None):
     return server, port, seen
 
 
+def deliver_to_recording_pacs(instance, on_store=None, then=None):
+    """Deliver ``instance`` to a :func:`recording_pacs` node; ``then(seen)`` runs before the
+    PACS stops. Returns the run, what the PACS saw and the node."""
+    server, port, seen = recording_pacs(on_store)
+    try:
+        node = make_node(ae_title="RECORDING", port=port)
+        make_delivery(instance, node)
+        run = delivery.deliver_to_node(node.pk)
+        if then:
+            then(seen)
+    finally:
+        server.shutdown()
+    return run, seen, node
+
+
 def sent_by_store_file(monkeypatch) -> list[Path]:
     """The files the gateway sent with its own C-STORE request (not pynetdicom's)."""
     sent: list[Path] = []
@@ -251,19 +266,13 @@ def test_a_file_goes_with_the_request_pynetdicom_would_send(tmp_path, monkeypatc
 
 def test_a_file_with_a_long_file_meta_is_sent_whole(tmp_path):
     """Its meta does not fit in what is read ahead of sending: pynetdicom reads it."""
-    server, port, seen = recording_pacs()
     instance = make_instance(tmp_path)
     ds = dcmread(instance.path)
     ds.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.10.1"
     ds.file_meta.PrivateInformation = b"\x01" * (2 * scu.FILE_HEAD)
     ds.save_as(instance.path, enforce_file_format=True)
-    try:
-        node = make_node(ae_title="RECORDING", port=port)
-        make_delivery(instance, node)
 
-        run = delivery.deliver_to_node(node.pk)
-    finally:
-        server.shutdown()
+    run, seen, _node = deliver_to_recording_pacs(instance)
 
     assert (run.errors, run.delivered) == ([], 1)
     ((_, _, _, sop_instance, _, data_set),) = seen["requests"]
@@ -276,18 +285,17 @@ def test_a_pacs_that_does_not_answer_in_time_gets_the_instance_again_later(
     monkeypatch.setattr(scu, "DIMSE_TIMEOUT", 0.5)
     sent = sent_by_store_file(monkeypatch)
     answer = threading.Event()
-    server, port, seen = recording_pacs(lambda event: answer.wait(10))
-    try:
-        node = make_node(ae_title="RECORDING", port=port)
-        instance = make_instance(tmp_path)
-        make_delivery(instance, node)
+    instance = make_instance(tmp_path)
 
-        run = delivery.deliver_to_node(node.pk)
+    def aborted(seen) -> None:
         answer.set()
         wait_until(lambda: seen["aborted"], 10, "the association to be aborted")
+
+    try:
+        run, _seen, node = deliver_to_recording_pacs(
+            instance, lambda event: answer.wait(10), then=aborted)
     finally:
         answer.set()
-        server.shutdown()
 
     assert (run.delivered, sent) == (0, [Path(instance.path)])
     (row,) = rows(node)
@@ -303,15 +311,9 @@ def test_a_pacs_slower_to_answer_than_the_network_timeout_still_gets_the_instanc
     waiting for its C-STORE response: the DIMSE timeout bounds that."""
     monkeypatch.setattr(scu, "NETWORK_TIMEOUT", 0.3)
     sent = sent_by_store_file(monkeypatch)
-    server, port, seen = recording_pacs(lambda event: time.sleep(1.0))
-    try:
-        node = make_node(ae_title="RECORDING", port=port)
-        instance = make_instance(tmp_path)
-        make_delivery(instance, node)
+    instance = make_instance(tmp_path)
 
-        run = delivery.deliver_to_node(node.pk)
-    finally:
-        server.shutdown()
+    run, seen, _node = deliver_to_recording_pacs(instance, lambda event: time.sleep(1.0))
 
     assert (run.errors, run.delivered, sent, seen["aborted"]) == (
         [], 1, [Path(instance.path)], [])
