@@ -746,9 +746,8 @@ class _Waker:
         self.waiting = False
         self.last_put = 0.0
 
-    def put(self, put, item, block: bool, timeout: float | None) -> None:
-        """``put`` from another thread than the DUL's: then wake it if it waits."""
-        put(item, block, timeout)
+    def queued(self) -> None:
+        """Another thread than the DUL's has queued something for it: wake it if it waits."""
         self.last_put = time.monotonic()
         if self.waiting:
             with self._lock:
@@ -784,10 +783,7 @@ class _Waker:
                 os.close(self.fd)
 
     def __del__(self) -> None:
-        # A DUL whose thread never ran: nothing can wake it any more.
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
+        self.close()  # a DUL whose thread never ran: nothing can wake it any more
 
 
 def _waking(put, waker: _Waker, dul: DULServiceProvider):
@@ -795,10 +791,9 @@ def _waking(put, waker: _Waker, dul: DULServiceProvider):
     reads) are seen before it waits again; another thread's go through the waker."""
 
     def waking_put(item, block: bool = True, timeout: float | None = None) -> None:
-        if threading.get_ident() == dul.ident:
-            put(item, block, timeout)
-        else:
-            waker.put(put, item, block, timeout)
+        put(item, block, timeout)
+        if threading.get_ident() != dul.ident:
+            waker.queued()
 
     return waking_put
 

@@ -231,11 +231,7 @@ class StoreAssociation:
         return all(ts in self.plan.get(sop_class, ()) for sop_class, ts in pairs)
 
     def accepted_syntaxes(self, sop_class: str) -> list[str]:
-        return [
-            cx.transfer_syntax[0]
-            for cx in self.assoc.accepted_contexts
-            if cx.abstract_syntax == sop_class and cx.as_scu
-        ]
+        return [ts for accepted_class, ts in self._context_ids if accepted_class == sop_class]
 
     def store(
         self, path: Path, sop_class: str, ts: str, coerce: list, coercer: Coercer | None = None
